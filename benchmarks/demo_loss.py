@@ -1,0 +1,53 @@
+"""`make demo` (for now): kpos_loss on a MoCo-sized batch, the fused CPU op beside the reference.
+
+N=256 queries, a Q=65536 queue, D=128, k=6, float32, forward + backward (gradient of the query,
+as in MoCo). Each implementation runs in its own process so that its peak memory is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+
+from benchmarks.cpu_memory import run_isolated
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--q", type=int, nargs="+", default=[65536])
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--k", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--grads", nargs="+", default=["query"], choices=["query", "key", "queue"])
+    p.add_argument("--json", help="write the results to this JSON file too")
+    args = p.parse_args(argv)
+
+    rows = []
+    print(f"kpos_loss forward+backward on the CPU ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}): N={args.n}, D={args.d}, "
+          f"k={args.k}, float32, grad of {', '.join(args.grads)}")
+    print(f"{'Q':>8} {'impl':>10} {'median ms':>10} {'peak extra MiB':>15} {'loss':>10}")
+    for q in args.q:
+        results = {}
+        for impl in ("fused", "reference"):
+            r = run_isolated("benchmarks.loss_run", {"impl": impl, "n": args.n, "q": q, "d": args.d,
+                                                     "k": args.k, "repeats": args.repeats,
+                                                     "grads": args.grads})
+            results[impl] = r
+            rows.append({"q": q, **r})
+            print(f"{q:>8} {impl:>10} {r['median_s'] * 1e3:>10.1f} "
+                  f"{r['peak_extra_bytes'] / 2**20:>15.1f} {r['loss']:>10.5f}")
+        speedup = results["reference"]["median_s"] / results["fused"]["median_s"]
+        mem = results["reference"]["peak_extra_bytes"] / max(results["fused"]["peak_extra_bytes"], 1)
+        print(f"{q:>8} {'ratio':>10} {speedup:>9.1f}x {mem:>14.1f}x  (reference / fused)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"n": args.n, "d": args.d, "k": args.k, "grads": args.grads, "rows": rows}, f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+// Argument checks of the kpos ops, shared by the CPU and CUDA kernels. The
+// messages match kcl_ext/_validation.py: they name the argument and what was
+// expected.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace kcl {
+
+inline bool is_integer_dtype(at::ScalarType t) {
+  return at::isIntegralType(t, /*includeBool=*/false);
+}
+
+inline void check_reduction(c10::string_view reduction) {
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none",
+                    "kpos_loss: reduction must be one of ('mean', 'sum', 'none'), got '",
+                    std::string(reduction), "'");
+}
+
+inline void check_k(int64_t k) {
+  TORCH_CHECK_VALUE(k >= -1, "kpos_loss: k must be >= -1 (-1 = all same-class entries), got ", k);
+}
+
+inline void check_temperature(double temperature) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
+                    "kpos_loss: temperature must be a positive finite float, got ", temperature);
+}
+
+inline void check_labels(const at::Tensor& query_labels, const at::Tensor& queue_labels) {
+  TORCH_CHECK_TYPE(is_integer_dtype(query_labels.scalar_type()),
+                   "kpos_loss: query_labels must have an integer dtype (e.g. torch.int64), got ",
+                   query_labels.scalar_type());
+  TORCH_CHECK_TYPE(is_integer_dtype(queue_labels.scalar_type()),
+                   "kpos_loss: queue_labels must have an integer dtype (e.g. torch.int64), got ",
+                   queue_labels.scalar_type());
+  TORCH_CHECK_VALUE(query_labels.dim() == 1, "kpos_loss: query_labels must be 1-D, got shape ",
+                    query_labels.sizes());
+  TORCH_CHECK_VALUE(queue_labels.dim() == 1, "kpos_loss: queue_labels must be 1-D, got shape ",
+                    queue_labels.sizes());
+  TORCH_CHECK_VALUE(query_labels.device() == queue_labels.device(),
+                    "kpos_loss: query_labels and queue_labels must be on one device, got ",
+                    query_labels.device(), " and ", queue_labels.device());
+}
+
+inline void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& queue,
+                         const at::Tensor& query_labels, const at::Tensor& queue_labels) {
+  TORCH_CHECK_VALUE(query.dim() == 2, "kpos_loss: query must be 2-D [N, D], got shape ",
+                    query.sizes());
+  const int64_t n = query.size(0), d = query.size(1);
+  TORCH_CHECK_VALUE(key.dim() == 2 && key.size(0) == n && key.size(1) == d,
+                    "kpos_loss: key must be 2-D [N, D] = [", n, ", ", d, "] like query, got ",
+                    key.sizes());
+  TORCH_CHECK_VALUE(queue.dim() == 2 && queue.size(1) == d,
+                    "kpos_loss: queue must be 2-D [Q, D] with D = query.size(1) = ", d, ", got ",
+                    queue.sizes());
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                       dtype == at::kDouble,
+                   "kpos_loss: query must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(key.scalar_type() == dtype, "kpos_loss: key must have query's dtype ", dtype,
+                   ", got ", key.scalar_type());
+  TORCH_CHECK_TYPE(queue.scalar_type() == dtype, "kpos_loss: queue must have query's dtype ",
+                   dtype, ", got ", queue.scalar_type());
+  check_labels(query_labels, queue_labels);
+  TORCH_CHECK_VALUE(query_labels.size(0) == n,
+                    "kpos_loss: query_labels must be 1-D [N] with N = query.size(0) = ", n,
+                    ", got ", query_labels.sizes());
+  TORCH_CHECK_VALUE(queue_labels.size(0) == queue.size(0),
+                    "kpos_loss: queue_labels must be 1-D [Q] with Q = queue.size(0) = ",
+                    queue.size(0), ", got ", queue_labels.sizes());
+  for (const auto& pair : {std::make_pair("key", &key), std::make_pair("queue", &queue),
+                           std::make_pair("query_labels", &query_labels),
+                           std::make_pair("queue_labels", &queue_labels)}) {
+    TORCH_CHECK_VALUE(pair.second->device() == query.device(), "kpos_loss: ", pair.first,
+                      " must be on query's device ", query.device(), ", got ",
+                      pair.second->device());
+  }
+}
+
+}  // namespace kcl
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <mutex>
+
+namespace kcl {
+
+// seed=None: draw from torch's default CPU generator, so torch.manual_seed
+// reproduces a run on every device.
+inline int64_t resolve_seed(std::optional<int64_t> seed) {
+  if (seed.has_value()) return *seed;
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return static_cast<int64_t>(at::check_generator<at::CPUGeneratorImpl>(gen)->random64());
+}
+
+}  // namespace kcl

@@ -1,0 +1,14 @@
+"""kcl_ext: fused k-positive contrastive loss (KCL) for PyTorch."""
+from .ops import BACKENDS, KPositiveContrastiveLoss, kpos_loss, sample_positives
+from .reference import kpos_loss_reference, sample_positives_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "KPositiveContrastiveLoss",
+    "kpos_loss",
+    "kpos_loss_reference",
+    "sample_positives",
+    "sample_positives_reference",
+]

@@ -1,0 +1,162 @@
+"""Python face of the kcl ops: fake kernels, autograd registration and the backend choice.
+
+The schemas and the kernels are registered in C++ (csrc/); see docs/kpos_loss.md for the contract.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _library  # noqa: F401  (loads the compiled library: torch.ops.kcl.*)
+from . import _validation
+from .reference import kpos_loss_reference
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake (meta) kernels: shapes and dtypes only, so torch.compile and FakeTensor can trace the ops.
+# ----------------------------------------------------------------------------------------------
+@torch.library.register_fake("kcl::kpos_forward")
+def _kpos_forward_fake(query, key, queue, query_labels, queue_labels, k, temperature, seed):
+    _validation.check_inputs(query, key, queue, query_labels, queue_labels)
+    _validation.check_k(k)
+    _validation.check_temperature(temperature)
+    n = query.size(0)
+    acc = _acc_dtype(query.dtype)
+    return (query.new_empty(n, dtype=acc), query.new_empty(n, dtype=acc),
+            query.new_empty(n, 3, dtype=torch.int64))
+
+
+@torch.library.register_fake("kcl::kpos_backward")
+def _kpos_backward_fake(grad_rows, query, key, queue, query_labels, queue_labels, lse, selection,
+                        temperature, output_mask):
+    def grad_like(needed, t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty(0)
+
+    return (grad_like(output_mask[0], query), grad_like(output_mask[1], key),
+            grad_like(output_mask[2], queue))
+
+
+@torch.library.register_fake("kcl::sample_positives")
+def _sample_positives_fake(query_labels, queue_labels, k, seed):
+    _validation.check_labels(query_labels, queue_labels, name="sample_positives")
+    _validation.check_k(k, "sample_positives")
+    width = k if k >= 0 else torch.library.get_ctx().new_dynamic_size()
+    return query_labels.new_empty(query_labels.size(0), width, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd of kpos_forward (kpos_loss is composite over it, so it inherits this).
+# ----------------------------------------------------------------------------------------------
+def _kpos_forward_setup_context(ctx, inputs, output):
+    query, key, queue, query_labels, queue_labels, _k, temperature, _seed = inputs
+    _loss_rows, lse, selection = output
+    ctx.save_for_backward(query, key, queue, query_labels, queue_labels, lse, selection)
+    ctx.temperature = temperature
+
+
+def _kpos_forward_backward(ctx, grad_rows, _grad_lse, _grad_selection):
+    query, key, queue, query_labels, queue_labels, lse, selection = ctx.saved_tensors
+    needs = [bool(x) for x in ctx.needs_input_grad[:3]]
+    if grad_rows is None or not any(needs):
+        return (None,) * 8
+    grad_query, grad_key, grad_queue = torch.ops.kcl.kpos_backward(
+        grad_rows, query, key, queue, query_labels, queue_labels, lse, selection,
+        ctx.temperature, needs)
+    return (grad_query if needs[0] else None, grad_key if needs[1] else None,
+            grad_queue if needs[2] else None, None, None, None, None, None)
+
+
+torch.library.register_autograd("kcl::kpos_forward", _kpos_forward_backward,
+                                setup_context=_kpos_forward_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"kpos_loss: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda":
+            return "cuda"
+        raise ValueError(f"kpos_loss: no kpos_loss backend for device type {device.type!r}")
+    if backend in ("cpu", "cuda") and device.type != backend:
+        raise ValueError(
+            f"kpos_loss: backend={backend!r} needs inputs on a {backend} device, got {device}")
+    return backend
+
+
+def kpos_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
+              query_labels: torch.Tensor, queue_labels: torch.Tensor, *, k: int = 6,
+              temperature: float = 0.07, reduction: str = "mean", seed: int | None = None,
+              backend: str = "auto") -> torch.Tensor:
+    """k-positive contrastive loss (KCL) of `query` against its own `key` and a labelled `queue`.
+
+    Each query is pulled towards its own key plus `k` same-class queue entries drawn uniformly at
+    random (`k=0`: MoCo's InfoNCE, `k=-1`: all same-class entries), against every valid queue
+    entry. Entries with a negative label are empty slots. See docs/kpos_loss.md for the contract.
+
+    Args:
+        query, key: [N, D] features (row i of key is the other view of query i).
+        queue: [Q, D] memory-bank keys, same dtype and device.
+        query_labels, queue_labels: integer class labels [N] and [Q].
+        k: positives drawn from the queue per query (-1 = all same-class entries).
+        temperature: softmax temperature tau > 0.
+        reduction: "mean", "sum" or "none".
+        seed: int seed of the positive selection; None draws one from torch's default generator.
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
+    """
+    _validation.check_all(query, key, queue, query_labels, queue_labels, k, temperature, reduction,
+                          seed)
+    temperature = float(temperature)
+    chosen = _resolve_backend(backend, query.device)
+    if chosen == "reference":
+        return kpos_loss_reference(query, key, queue, query_labels, queue_labels, k=k,
+                                   temperature=temperature, reduction=reduction, seed=seed)
+    if chosen == "triton":
+        from .triton import kpos_loss_triton  # imported lazily: Triton is optional
+        return kpos_loss_triton(query, key, queue, query_labels, queue_labels, k=k,
+                                temperature=temperature, reduction=reduction, seed=seed)
+    return torch.ops.kcl.kpos_loss(query, key, queue, query_labels, queue_labels, k, temperature,
+                                   reduction, seed)
+
+
+def sample_positives(query_labels: torch.Tensor, queue_labels: torch.Tensor, k: int,
+                     seed: int) -> torch.Tensor:
+    """The queue indices that kpos_loss selects as positives for `seed`.
+
+    Returns int64 [N, k] (for k=-1: [N, max_i |M_i|]), ascending per row, padded with -1.
+    """
+    _validation.check_labels(query_labels, queue_labels, name="sample_positives")
+    _validation.check_k(k, "sample_positives")
+    _validation.check_seed(seed, "sample_positives", allow_none=False)
+    return torch.ops.kcl.sample_positives(query_labels, queue_labels, k, seed)
+
+
+class KPositiveContrastiveLoss(torch.nn.Module):
+    """`kpos_loss` as a module: `loss = criterion(query, key, queue, query_labels, queue_labels)`."""
+
+    def __init__(self, k: int = 6, temperature: float = 0.07, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.k = _validation.check_k(k)
+        self.temperature = _validation.check_temperature(temperature)
+        self.reduction = _validation.check_reduction(reduction)
+        if backend not in BACKENDS:
+            raise ValueError(f"KPositiveContrastiveLoss: backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    def forward(self, query, key, queue, query_labels, queue_labels, seed: int | None = None):
+        return kpos_loss(query, key, queue, query_labels, queue_labels, k=self.k,
+                         temperature=self.temperature, reduction=self.reduction, seed=seed,
+                         backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, temperature={self.temperature}, reduction={self.reduction!r}"
