@@ -149,7 +149,10 @@ def build_data(cfg: dict):
 
 
 def _loader(dataset, batches, cfg):
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches,
+    # Its own generator: the loader then never draws from the process RNG (whose state a
+    # checkpoint restores), and the augmentations are seeded per sample anyway.
+    generator = torch.Generator().manual_seed(kdata.derive_seed(cfg["seed"], 0x10AD))
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, generator=generator,
                                        num_workers=cfg["data"]["num_workers"])
 
 
