@@ -1,0 +1,95 @@
+"""DDP on 2 gloo processes (loopback): equality with 1 process, and shuffle-BN.
+
+The equality test uses GroupNorm (model.norm: gn), whose statistics are per sample, so splitting
+a global batch across processes changes no activation; with BatchNorm each process would
+normalise over its half batch and the runs would differ by design (SyncBatchNorm is CUDA-only).
+It uses the fcl loss (k = -1, all same-class entries): kcl's positive draw is keyed by the row
+index within a process's batch, so a 2-process run draws other (equally uniform) positives than a
+1-process run. What remains different is the order of floating-point sums (gradient all-reduce
+versus one batch mean), hence a tolerance instead of bitwise equality.
+"""
+import json
+import os
+
+import torch
+import torch.multiprocessing as mp
+
+from kcl_ext import train
+from kcl_ext.config import load_config
+from kcl_ext.models import ContrastiveEncoder, MomentumPair, SmallResNet
+from _harness import free_port, init_gloo, make_fashion_idx, tiny_config
+
+
+def _ddp_run(rank, world, port, cfg, out):
+    init_gloo(rank, world, port)
+    try:
+        train.run(cfg, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["stage"], r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    root = make_fashion_idx(str(tmp_path / "fm"))
+    cfg = load_config(base=tiny_config(root, model={"norm": "gn"}, stage1={"loss": "fcl"}))
+    train.run(cfg, str(tmp_path / "one"))
+    mp.spawn(_ddp_run, args=(2, free_port(), cfg, str(tmp_path / "two")), nprocs=2)
+
+    one, two = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "two"))
+    assert len(one) == len(two) > 10
+    for (stage_a, step_a, loss_a), (stage_b, step_b, loss_b) in zip(one, two):
+        assert (stage_a, step_a) == (stage_b, step_b)
+        assert abs(loss_a - loss_b) <= 1e-4 * max(1.0, abs(loss_a)), (step_a, loss_a, loss_b)
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    assert torch.equal(a["bank"]["labels"], b["bank"]["labels"])
+    assert torch.equal(a["bank"]["pointer"], b["bank"]["pointer"])
+    assert torch.allclose(a["bank"]["keys"], b["bank"]["keys"], atol=1e-4)
+    for name, value in a["model"].items():
+        assert torch.allclose(value, b["model"][name], atol=1e-4), name
+    assert torch.allclose(a["classifier"]["weight"], b["classifier"]["weight"], atol=1e-4)
+
+
+def _shuffle_bn_worker(rank, world, port, result):
+    init_gloo(rank, world, port)
+    try:
+        torch.manual_seed(0)  # the same encoder on both processes
+        pair = MomentumPair(ContrastiveEncoder(SmallResNet(1, 4, 1, "bn", 2), 8))
+        images = torch.randn(3, 1, 12, 12, generator=torch.Generator().manual_seed(rank))
+        everything = torch.cat([torch.randn(3, 1, 12, 12,
+                                            generator=torch.Generator().manual_seed(r))
+                                for r in range(world)])
+        # Eval first, while both processes hold the same BN running statistics (train-mode
+        # calls update them with each process's own chunk, as in MoCo).
+        pair.eval()
+        plain = pair.key_encoder(images)
+        shuffled_eval = pair.encode_keys(images, torch.Generator().manual_seed(7))
+        pair.train()
+        keys = pair.encode_keys(images, torch.Generator().manual_seed(7))
+        # Expected: process c encodes the c-th chunk of the permuted global batch with that
+        # chunk's BN statistics; the keys come back to the process that holds the images.
+        perm = torch.randperm(6, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            encoded = torch.cat([pair.key_encoder(chunk) for chunk in everything[perm].chunk(2)])
+            unshuffled_train = pair.key_encoder(images)
+        expected = torch.empty_like(encoded)
+        expected[perm] = encoded
+        result[rank] = (keys, expected.chunk(2)[rank], plain, shuffled_eval, unshuffled_train)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_shuffle_bn_encodes_keys_with_another_chunks_statistics():
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_shuffle_bn_worker, args=(2, free_port(), result), nprocs=2)
+        result = dict(result)
+    for rank in range(2):
+        keys, expected, plain, shuffled_eval, unshuffled_train = result[rank]
+        assert torch.allclose(keys, expected, atol=1e-6)
+        assert torch.allclose(shuffled_eval, plain, atol=1e-6)  # eval BN: the shuffle is exact
+        assert not torch.allclose(keys, unshuffled_train, atol=1e-3)  # other batch statistics
