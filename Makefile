@@ -1,5 +1,6 @@
 # kcl_ext: `make demo` runs the main job, `make test` runs the tests. Both set up everything they
-# need on a fresh machine: the virtual environment (.venv, pinned requirements.txt) and the build.
+# need on a fresh machine: the virtual environment (.venv, pinned requirements.txt) and the build;
+# `make demo` also the Fashion-MNIST IDX files (`make data`).
 SHELL := /bin/bash
 PYTHON_SYS ?= python3
 VENV ?= .venv
@@ -10,7 +11,14 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -na
 CMAKE_BUILD := build-cmake
 JOBS ?= 2
 
-.PHONY: venv build test test-python test-cmake demo clean
+FMNIST_DIR := data/fashion-mnist
+# The Debian package dataset-fashion-mnist (MIT licence) installs the IDX files here.
+FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
+FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
+	t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+DEMO_OUT := runs/demo
+
+.PHONY: venv build test test-python test-cmake data demo demo-loss clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -39,7 +47,28 @@ test-cmake: $(STAMP)
 	cmake --build $(CMAKE_BUILD) -j $(JOBS)
 	cd $(CMAKE_BUILD) && ctest --output-on-failure
 
-demo: build
+data: $(addprefix $(FMNIST_DIR)/,$(FMNIST_FILES))
+$(addprefix $(FMNIST_DIR)/,$(FMNIST_FILES)):
+	@if [ ! -f $(FMNIST_SYSTEM)/$(@F) ]; then \
+		echo "Installing the Debian package dataset-fashion-mnist (Fashion-MNIST IDX files)"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+	mkdir -p $(FMNIST_DIR)
+	cp $(FMNIST_SYSTEM)/$(@F) $@
+
+# The main job: CE and KCL on Fashion-MNIST-LT through both stages, one table, the plots.
+demo: build data
+	@start=$$(date +%s); \
+	$(PY) -m kcl_ext.train --config configs/fmnist_lt_ce.yaml --out $(DEMO_OUT)/ce && \
+	$(PY) -m kcl_ext.train --config configs/fmnist_lt_kcl.yaml --out $(DEMO_OUT)/kcl && \
+	$(PY) -m kcl_ext.compare "CE=$(DEMO_OUT)/ce/report.json" "KCL=$(DEMO_OUT)/kcl/report.json" \
+		--markdown $(DEMO_OUT)/table.md && \
+	echo "plots: $(DEMO_OUT)/ce/per_class.png $(DEMO_OUT)/kcl/per_class.png" && \
+	echo "demo wall time: $$(( $$(date +%s) - start )) s"
+
+# The loss alone: the fused CPU op beside the dense reference at MoCo sizes.
+demo-loss: build
 	$(PY) -m benchmarks.demo_loss --q 4096 16384 65536
 
 clean:
