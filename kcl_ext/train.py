@@ -268,7 +268,8 @@ class Trainer:
         kdist.barrier()
 
     def load(self, path: str) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # On the CPU: the RNG states must stay CPU tensors; load_state_dict moves the rest.
+        state = torch.load(path, map_location="cpu", weights_only=False)
         pos = state["position"]
         self.stage, self.epoch = pos["stage"], pos["epoch"]
         self.step_in_epoch, self.global_step = pos["step_in_epoch"], pos["global_step"]
