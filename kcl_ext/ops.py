@@ -75,6 +75,14 @@ torch.library.register_autograd("kcl::kpos_forward", _kpos_forward_backward,
                                 setup_context=_kpos_forward_setup_context)
 
 
+def _kpos_backward_backward(ctx, *grads):
+    raise RuntimeError("kpos_loss: double backward (a gradient of the gradient, create_graph=True) "
+                       "is not supported")
+
+
+torch.library.register_autograd("kcl::kpos_backward", _kpos_backward_backward)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------

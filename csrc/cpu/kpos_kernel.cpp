@@ -4,6 +4,9 @@
 // products through ATen's BLAS; the online log-sum-exp and the positive masking
 // run on the tile while it is hot in cache. Every block is owned by one thread
 // and reduces in a fixed order, so results do not depend on the thread count.
+// Tile buffers come from ATen's allocator (64-byte aligned): BLAS may pick its
+// kernel, and so the summation order, by the alignment of its operands, and a
+// malloc'd buffer's alignment changes from run to run.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,8 +19,28 @@
 #include "kcl/checks.h"
 #include "kcl/kpos_common.h"
 
+// MKL's thread-local thread count (exported by libtorch_cpu on x86-64 builds;
+// null elsewhere). A multi-threaded GEMM may split its reduction dimension
+// across threads, and then its summation order depends on the thread count
+// and on timing: the kernels run their tile products single-threaded inside
+// their own parallel loop instead, so results are bitwise reproducible.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace kcl {
 namespace {
+
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_;
+};
 
 constexpr int64_t kQueryBlock = 64;   // queries per block
 constexpr int64_t kQueueTile = 1024;  // queue entries per tile: a 64 x 1024 fp32 tile is 256 KiB
@@ -78,6 +101,15 @@ struct QueueTiles {
   int64_t width(int64_t t) const { return std::min(kQueueTile, q - t * kQueueTile); }
 };
 
+// Scratch for one tile of logits, [kQueryBlock, kQueueTile] at most.
+template <typename acc_t>
+struct TileBuffer {
+  at::Tensor storage;
+  explicit TileBuffer(at::ScalarType acc_type)
+      : storage(at::empty({kQueryBlock * kQueueTile}, at::TensorOptions().dtype(acc_type))) {}
+  acc_t* data() { return storage.data_ptr<acc_t>(); }
+};
+
 template <typename acc_t>
 at::Tensor empty_slot_bias(const int64_t* queue_labels, int64_t q, at::ScalarType acc_type) {
   auto bias = at::empty({q}, at::TensorOptions().dtype(acc_type));
@@ -111,7 +143,8 @@ void forward_cpu_impl(const at::Tensor& scaled_query, const at::Tensor& own_logi
 
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<uint32_t> scratch;
-    std::vector<acc_t> tile_buffer(kQueryBlock * kQueueTile);
+    SingleThreadedBlas single_threaded_blas;
+    TileBuffer<acc_t> tile_buffer(acc_type);
     std::vector<acc_t> run_max(kQueryBlock), run_sum(kQueryBlock), pos_sum(kQueryBlock);
     std::vector<RowSelection> sel(kQueryBlock);
     for (int64_t block = block_begin; block < block_end; ++block) {
@@ -261,7 +294,8 @@ void backward_cpu_impl(const at::Tensor& grad_rows, const at::Tensor& scaled_que
     grad_query_acc = key_acc * own_coef.unsqueeze(1);     // scaled by 1/tau below
     const int64_t num_blocks = (n + kQueryBlock - 1) / kQueryBlock;
     at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-      std::vector<acc_t> tile_buffer(kQueryBlock * kQueueTile);
+      SingleThreadedBlas single_threaded_blas;
+    TileBuffer<acc_t> tile_buffer(acc_type);
       for (int64_t block = block_begin; block < block_end; ++block) {
         const int64_t r0 = block * kQueryBlock, rows = std::min(kQueryBlock, n - r0);
         const at::Tensor q_blk = scaled_query.narrow(0, r0, rows);
@@ -283,7 +317,8 @@ void backward_cpu_impl(const at::Tensor& grad_rows, const at::Tensor& scaled_que
   if (need_queue) {
     grad_queue_acc = at::zeros({q, d}, acc_opts);
     at::parallel_for(0, tiles.count, 1, [&](int64_t tile_begin, int64_t tile_end) {
-      std::vector<acc_t> tile_buffer(kQueryBlock * kQueueTile);
+      SingleThreadedBlas single_threaded_blas;
+    TileBuffer<acc_t> tile_buffer(acc_type);
       for (int64_t t = tile_begin; t < tile_end; ++t) {
         const int64_t j0 = tiles.begin(t), width = tiles.width(t);
         const at::Tensor bank_tile = bank.narrow(0, j0, width);
