@@ -111,10 +111,11 @@ def plot_per_class(report: dict, path: str, title: str = "") -> None:
         ax.set_xticks(range(len(order)), [f"{c}\n({counts[c]})" for c in order], fontsize=7)
     ax.set_xlabel("class (training images), sorted by training-set size")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 118)  # headroom for the legend above the bars
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title(f"{title}  top-1 {report['top1']:.1f}  beta {report['beta']:.3f}".strip())
     handles = [plt.Rectangle((0, 0), 1, 1, color=v) for v in colours.values()]
-    ax.legend(handles, [k for k in colours], loc="upper right", fontsize=7)
+    ax.legend(handles, list(colours), loc="upper center", ncol=3, fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
