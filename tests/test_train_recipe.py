@@ -47,7 +47,7 @@ def test_resnet50_recipe_two_iterations_at_32px(tmp_path):
         f"data.test_list={tmp_path / 'train.txt'}", "data.num_classes=2",
         "data.image_size=32", "data.num_workers=0", "stage1.batch_size=4", "stage1.epochs=1",
         "stage1.queue_size=8", "stage2.batch_size=4", "stage2.epochs=1", "progress=false",
-        "log_interval=1", "threads=2"])
+        "log_interval=1", "threads=1"])
     report = train.run(cfg, str(tmp_path / "out"))
     losses = [line for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
