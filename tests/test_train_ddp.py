@@ -93,3 +93,28 @@ def test_shuffle_bn_encodes_keys_with_another_chunks_statistics():
         assert torch.allclose(keys, expected, atol=1e-6)
         assert torch.allclose(shuffled_eval, plain, atol=1e-6)  # eval BN: the shuffle is exact
         assert not torch.allclose(keys, unshuffled_train, atol=1e-3)  # other batch statistics
+
+
+def test_cli_under_torchrun_on_loopback(tmp_path):
+    """`torchrun -m kcl_ext.train`: the trainer joins the group torchrun describes (gloo)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = make_fashion_idx(str(tmp_path / "fm"))
+    cfg = tiny_config(root, stage1={"epochs": 1}, stage2={"epochs": 1})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+         "-m", "kcl_ext.train", "--config", str(tmp_path / "c.yaml"),
+         "--out", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| kcl (seed 3) |") == 1  # the table comes from rank 0 only
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    assert state["position"]["stage"] == "done" and (state["bank"]["labels"] >= 0).all()
