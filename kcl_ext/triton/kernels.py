@@ -82,12 +82,6 @@ def _row_key(seed_ptr, rows):
 
 
 @triton.jit
-def _rank64(row_key, j):
-    """rank(seed, i, j) zero-extended to int64 (the mask makes the extension kind irrelevant)."""
-    return _mix32(row_key ^ j.to(tl.uint32)).to(tl.int64) & 0xFFFFFFFF
-
-
-@triton.jit
 def _selected(same_class, row_key_mixed, threshold, cols):
     """[rows, cols] mask of selected positives.
 
@@ -129,7 +123,8 @@ def _select_kernel(query_labels_ptr, order_ptr, seg_start_ptr, seg_end_ptr, seed
             # other chunks, if any, are re-hashed on every pass.
             first = start + offs
             first_ok = first < end
-            first_rank = _rank64(row_key, tl.load(order_ptr + first, mask=first_ok, other=0))
+            first_j = tl.load(order_ptr + first, mask=first_ok, other=0).to(tl.uint32)
+            first_rank = _mix32(row_key ^ first_j).to(tl.int64) & 0xFFFFFFFF
             if k <= MAX_EXTRACT:
                 # k passes, each taking the smallest rank above the previous pass's. Ranks are
                 # distinct within a row, so pass k yields the k-th smallest.
@@ -139,7 +134,8 @@ def _select_kernel(query_labels_ptr, order_ptr, seg_start_ptr, seg_end_ptr, seed
                     for c0 in range(start + BLOCK, end, BLOCK):
                         idx = c0 + offs
                         inside = idx < end
-                        rank = _rank64(row_key, tl.load(order_ptr + idx, mask=inside, other=0))
+                        j = tl.load(order_ptr + idx, mask=inside, other=0).to(tl.uint32)
+                        rank = _mix32(row_key ^ j).to(tl.int64) & 0xFFFFFFFF
                         best = tl.minimum(
                             best, tl.min(tl.where(inside & (rank > kth), rank, 1 << 32), 0))
                     kth = best
@@ -153,7 +149,8 @@ def _select_kernel(query_labels_ptr, order_ptr, seg_start_ptr, seg_end_ptr, seed
                     for c0 in range(start + BLOCK, end, BLOCK):
                         idx = c0 + offs
                         inside = idx < end
-                        rank = _rank64(row_key, tl.load(order_ptr + idx, mask=inside, other=0))
+                        j = tl.load(order_ptr + idx, mask=inside, other=0).to(tl.uint32)
+                        rank = _mix32(row_key ^ j).to(tl.int64) & 0xFFFFFFFF
                         count += tl.sum((inside & (rank <= mid)).to(tl.int64), 0)
                     enough = count >= k
                     kth = tl.where(enough, mid, kth)
@@ -243,17 +240,18 @@ def _forward_kernel(query_ptr, queue_ptr, query_labels_ptr, queue_labels_ptr, se
 @triton.jit
 def _forward_merge_kernel(query_ptr, key_ptr, sel_ptr, part_max_ptr, part_sum_ptr, part_pos_ptr,
                           loss_ptr, lse_ptr, n, dim, num_splits,
-                          stride_qn, stride_qd, stride_kn, stride_kd, scale2,
+                          stride_qn, stride_qd, stride_kn, stride_kd, inv_tau,
                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     acc_ty = tl.float64 if query_ptr.dtype.element_ty == tl.float64 else tl.float32
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
     q = _load_block(query_ptr, rows, row_ok, stride_qn, stride_qd, dim, BLOCK_D).to(acc_ty)
     key = _load_block(key_ptr, rows, row_ok, stride_kn, stride_kd, dim, BLOCK_D).to(acc_ty)
-    own = tl.sum(q * key, 1) * scale2              # the own key opens every row: exp2(0) = 1
-    run_max = own
+    own = tl.sum(q * key, 1) * inv_tau                # natural units
+    own2 = own * LOG2E                                 # the own key opens every row: exp2(0) = 1
+    run_max = own2
     run_sum = tl.full([BLOCK_M], 1.0, acc_ty)
-    pos_sum = own
+    queue_pos_sum = tl.zeros([BLOCK_M], acc_ty)
     for split in range(0, num_splits):             # fixed order: deterministic
         idx = split * n + rows
         part_max = tl.load(part_max_ptr + idx, mask=row_ok, other=float("-inf"))
@@ -261,10 +259,12 @@ def _forward_merge_kernel(query_ptr, key_ptr, sel_ptr, part_max_ptr, part_sum_pt
         new_max = tl.maximum(run_max, part_max)    # finite: run_max starts at the own logit
         run_sum = run_sum * tl.exp2(run_max - new_max) + part_sum * tl.exp2(part_max - new_max)
         run_max = new_max
-        pos_sum += tl.load(part_pos_ptr + idx, mask=row_ok, other=0.0)
+        queue_pos_sum += tl.load(part_pos_ptr + idx, mask=row_ok, other=0.0)
     num_positives = tl.load(sel_ptr + rows * 3 + SEL_NUM_POSITIVES, mask=row_ok, other=1)
-    lse = (run_max + tl.log2(run_sum)) * LN2
-    loss = lse - pos_sum * LN2 / num_positives.to(acc_ty)
+    # lse as the own logit plus a correction, so that a row with no valid queue entry gets
+    # lse == own exactly: loss 0 and, in the backward, an own-key probability of exactly 1.
+    lse = own + (run_max - own2 + tl.log2(run_sum)) * LN2
+    loss = lse - (own + queue_pos_sum * LN2) / num_positives.to(acc_ty)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
 
@@ -315,7 +315,7 @@ def _backward_dq_kernel(query_ptr, queue_ptr, query_labels_ptr, queue_labels_ptr
 @triton.jit
 def _backward_finish_kernel(query_ptr, key_ptr, sel_ptr, lse_ptr, grad_ptr, dq_part_ptr,
                             dq_ptr, dkey_ptr, n, dim, num_splits,
-                            stride_qn, stride_qd, stride_kn, stride_kd, scale2, inv_tau,
+                            stride_qn, stride_qd, stride_kn, stride_kd, inv_tau,
                             NEED_QUERY: tl.constexpr, NEED_KEY: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     acc_ty = tl.float64 if query_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -325,11 +325,12 @@ def _backward_finish_kernel(query_ptr, key_ptr, sel_ptr, lse_ptr, grad_ptr, dq_p
     mask = row_ok[:, None] & (d < dim)[None, :]
     q = _load_block(query_ptr, rows, row_ok, stride_qn, stride_qd, dim, BLOCK_D).to(acc_ty)
     key = _load_block(key_ptr, rows, row_ok, stride_kn, stride_kd, dim, BLOCK_D).to(acc_ty)
-    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
     num_positives = tl.load(sel_ptr + rows * 3 + SEL_NUM_POSITIVES, mask=row_ok, other=1)
-    own2 = tl.sum(q * key, 1) * scale2
-    own_coef = grad * (tl.exp2(own2 - lse2) - 1.0 / num_positives.to(acc_ty))   # dL/ds_i0
+    own = tl.sum(q * key, 1) * inv_tau                 # as in _forward_merge_kernel
+    own_prob = tl.exp2((own - lse) * LOG2E)            # exactly 1 when the queue adds nothing
+    own_coef = grad * (own_prob - 1.0 / num_positives.to(acc_ty))   # dL/ds_i0
     out = rows.to(tl.int64)[:, None] * dim + d[None, :]
     if NEED_QUERY:
         dq = own_coef[:, None] * key
@@ -381,6 +382,9 @@ def _backward_dqueue_kernel(query_ptr, queue_ptr, query_labels_ptr, queue_labels
 # ----------------------------------------------------------------------------------------------
 # Under TRITON_INTERPRET=1, triton.jit returns an InterpretedFunction that runs on CPU tensors.
 INTERPRETED = not isinstance(_forward_kernel, triton.runtime.jit.JITFunction)
+if INTERPRETED and isinstance(tl.max, triton.runtime.jit.JITFunction):
+    raise ImportError("kcl_ext.triton: TRITON_INTERPRET=1 was set after triton was imported, so "
+                      "Triton's own helpers are not interpreted; set it before importing triton")
 
 
 def _kernel(fn):
@@ -389,30 +393,46 @@ def _kernel(fn):
 
 
 class LaunchConfig:
-    """Block sizes and the number of programs a grid should reach for one problem."""
+    """Block sizes, warps and the number of programs a grid should reach, per device and dtype."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, dim: int):
+        if device.type == "cuda" and not INTERPRETED:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            self._set_gpu(dtype, dim, sms)
+        else:
+            self._set_interpreter(dtype, dim)
+
+    @classmethod
+    def for_gpu(cls, dtype: torch.dtype, dim: int, multi_processor_count: int) -> "LaunchConfig":
+        cfg = cls.__new__(cls)
+        cfg._set_gpu(dtype, dim, multi_processor_count)
+        return cfg
+
+    def _set_common(self, dtype: torch.dtype, dim: int) -> None:
         self.block_d = max(16, triton.next_power_of_2(dim))
         # fp32 and fp64 dots are exact ("ieee"), not tf32: at tau = 0.07 tf32's 10-bit mantissa
-        # moves the loss by ~1e-2. Half-precision inputs use tensor cores with fp32 accumulation
-        # whatever this says.
+        # moves the loss by ~1e-2. Half-precision inputs use tensor cores with fp32 accumulation.
         self.dot_precision = "ieee"
         self.upcast_dot = INTERPRETED and dtype == torch.bfloat16
-        if device.type != "cuda" or INTERPRETED:
-            # The interpreter runs programs one after another with numpy: small blocks, few
-            # programs, yet enough of both that tests cover partial blocks and several splits.
-            self.block_m, self.block_n, self.backward_block_n = 16, 32, 32
-            self.num_warps, self.num_stages, self.target_programs = 1, 1, 8
-            self.select_rows, self.select_block = 32, 32
-            return
+
+    def _set_gpu(self, dtype: torch.dtype, dim: int, multi_processor_count: int) -> None:
+        self._set_common(dtype, dim)
         half = dtype in (torch.float16, torch.bfloat16)
         self.block_m = 64
         self.block_n = 128 if half and self.block_d <= 128 else (64 if self.block_d <= 256 else 32)
         self.backward_block_n = 64 if self.block_d <= 256 else 32
         self.num_warps, self.num_stages = 4, 2
         self.select_rows, self.select_block = 1, 128
-        # Two waves of programs: with N = 256 the query blocks alone give 4 programs.
-        self.target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        # Two waves of programs: with N = 256 the query blocks alone would be 4 programs.
+        self.target_programs = 2 * multi_processor_count
+
+    def _set_interpreter(self, dtype: torch.dtype, dim: int) -> None:
+        # The interpreter runs programs one after another with numpy: small blocks and few
+        # programs, yet enough of both that tests cover partial blocks and several queue splits.
+        self._set_common(dtype, dim)
+        self.block_m, self.block_n, self.backward_block_n = 16, 32, 32
+        self.num_warps, self.num_stages, self.target_programs = 1, 1, 8
+        self.select_rows, self.select_block = 32, 32
 
 
 def _queue_splits(row_blocks: int, num_tiles: int, target_programs: int):
@@ -495,7 +515,7 @@ def _kpos_forward_impl(query: torch.Tensor, key: torch.Tensor, queue: torch.Tens
             num_stages=cfg.num_stages)
     _kernel(_forward_merge_kernel)[(row_blocks,)](
         query, key, selection, part_max, part_sum, part_pos, loss_rows, lse, n, dim, splits,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), scale2,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), 1.0 / temperature,
         BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
     return loss_rows, lse, selection
 
@@ -552,7 +572,7 @@ def _kpos_backward_impl(grad_rows: torch.Tensor, query: torch.Tensor, key: torch
         _kernel(_backward_finish_kernel)[(row_blocks,)](
             query, key, selection, lse, grad_rows, dq_part,
             grad_query if need_query else dq_part, grad_key if need_key else dq_part,
-            n, dim, splits, *strides, key.stride(0), key.stride(1), scale2, inv_tau,
+            n, dim, splits, *strides, key.stride(0), key.stride(1), inv_tau,
             NEED_QUERY=need_query, NEED_KEY=need_key, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps)
     if need_queue and num_queue > 0:
