@@ -98,8 +98,8 @@ def test_selection_identical_to_cpp_backend(k):
     query_labels_cpu, queue_labels_cpu = query_labels.cpu(), queue_labels.cpu()
     cfg = kernels.LaunchConfig(query_labels.device, torch.float32, D)
     for seed in SEEDS[:2] if k == 20 else SEEDS:
-        got = kernels._select(query_labels, queue_labels, kernels.seed_tensor(seed, DEVICE), k,
-                              cfg).cpu()
+        seed_tensor = kernels.seed_tensor(seed, query_labels)
+        got = kernels._select(query_labels, queue_labels, seed_tensor, k, cfg).cpu()
         cpu_inputs = [torch.zeros(10, 4), torch.zeros(10, 4), torch.zeros(120, 4),
                       query_labels_cpu, queue_labels_cpu]
         _, _, want = torch.ops.kcl.kpos_forward(*cpu_inputs, k, 0.1, seed)
@@ -116,7 +116,7 @@ def test_selection_identical_to_cpp_backend(k):
 
 def test_forward_op_matches_cpp_backend():
     inputs = make_inputs(seed=3)
-    got = torch.ops.kcl.kpos_forward_triton(*inputs, kernels.seed_tensor(77, DEVICE), 6, 0.1)
+    got = torch.ops.kcl.kpos_forward_triton(*inputs, kernels.seed_tensor(77, inputs[0]), 6, 0.1)
     want = torch.ops.kcl.kpos_forward(*[t.detach().cpu() for t in inputs], 6, 0.1, 77)
     torch.testing.assert_close(got[0].cpu(), want[0], atol=2e-5, rtol=1e-5)   # loss rows
     torch.testing.assert_close(got[1].cpu(), want[1], atol=2e-5, rtol=1e-5)   # lse
@@ -127,7 +127,8 @@ def test_k0_is_moco_infonce_and_reductions():
     query, key, queue, query_labels, queue_labels = make_inputs()
     full = torch.ones_like(queue_labels)          # MoCo has no empty slots
     mean = triton_loss(query, key, queue, query_labels, full, k=0, seed=3)
-    torch.testing.assert_close(mean, reference.moco_infonce(query, key, queue), atol=2e-5, rtol=1e-5)
+    moco = reference.moco_infonce(query, key, queue)
+    torch.testing.assert_close(mean, moco, atol=2e-5, rtol=1e-5)
     rows = triton_loss(query, key, queue, query_labels, full, k=0, seed=3, reduction="none")
     total = triton_loss(query, key, queue, query_labels, full, k=0, seed=3, reduction="sum")
     assert rows.shape == (N,) and total.shape == () and mean.shape == ()
@@ -204,21 +205,24 @@ def test_torch_compile_fullgraph():
     # with the light "aot_eager" backend; the kernels themselves run interpreted either way.
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
 
-    def step(query, key, queue, query_labels, queue_labels):
-        loss = kcl_ext.kpos_loss(query, key, queue, query_labels, queue_labels, k=6,
+    def step(query, key, queue, query_labels, queue_labels, seed):
+        loss = kcl_ext.kpos_loss(query, key, queue, query_labels, queue_labels, k=6, seed=seed,
                                  backend="triton")
         return loss * 2.0
 
     compiled = torch.compile(step, fullgraph=True, backend=backend)
     inputs = make_inputs()
-    torch.manual_seed(11)                        # seed=None: drawn inside the graph
-    got = compiled(*inputs)
+    got = compiled(*inputs, 5)
     got_grads = torch.autograd.grad(got, inputs[:3])
-    torch.manual_seed(11)
-    want = step(*inputs)
+    want = step(*inputs, 5)
     want_grads = torch.autograd.grad(want, inputs[:3])
     for a, b in zip([got, *got_grads], [want, *want_grads]):
         assert_close(a, b, torch.float32, "compiled")
+    # seed=None: the compiled graph draws the seed at run time, as eager does.
+    torch.manual_seed(11)
+    drawn = compiled(*inputs, None)
+    torch.manual_seed(11)
+    assert torch.equal(drawn, step(*inputs, None))
 
 
 def test_auto_backend_on_cuda_is_triton():

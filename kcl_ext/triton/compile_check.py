@@ -42,7 +42,8 @@ def _signature(fn, feature: str, constexprs: dict) -> dict:
 def compile_all(arch: int = 90, dtypes=("bfloat16", "float16", "float32", "float64"), dim=128,
                 verbose=True) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("compile_check needs TRITON_INTERPRET unset (it compiles, not interprets)")
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset: it compiles, "
+                           "it does not interpret")
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -85,7 +86,8 @@ def compile_all(arch: int = 90, dtypes=("bfloat16", "float16", "float32", "float
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32", "float64"])
+    parser.add_argument("--dtypes", nargs="+",
+                        default=["bfloat16", "float16", "float32", "float64"])
     parser.add_argument("--dim", type=int, default=128)
     args = parser.parse_args(argv)
     compile_all(args.arch, tuple(args.dtypes), args.dim)

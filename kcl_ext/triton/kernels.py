@@ -2,12 +2,12 @@
 
 The op's contract is docs/kpos_loss.md; docs/triton.md explains the design. In short:
 
-* ``_select_kernel`` (one program per query row) turns the seed into the per-row selection state
-  ``(row_key, rank threshold, |P_i|)``. The rows's same-class queue entries are a contiguous
-  segment of the label-sorted queue, so the threshold (the min(k, |M_i|)-th smallest rank) is
-  found by k passes of "smallest rank above the previous one" over that segment (k <= 16) or by a
-  32-step bisection of the rank range (larger k). Both are exact, so the selected positives are
-  those of the C++ backend.
+* ``_select_kernel`` (one program per query row on the GPU) turns the seed into the per-row
+  selection state ``(row_key, rank threshold, |P_i|)``. A row's same-class queue entries are a
+  contiguous segment of the label-sorted queue, so the threshold (the min(k, |M_i|)-th smallest
+  rank) is found by k passes of "smallest rank above the previous one" over that segment
+  (k <= 16) or by a 32-step bisection of the rank range (larger k). Both are exact, so the
+  selected positives are those of the C++ backend.
 * ``_forward_kernel`` (grid: query blocks x queue splits) walks its queue tiles once: logits by
   ``tl.dot`` in base 2 (log2(e)/tau folded into one scale), an online log-sum-exp in fp32, and the
   positive logits summed in the same pass through the shared hash. ``_forward_merge_kernel`` adds
@@ -20,8 +20,6 @@ The op's contract is docs/kpos_loss.md; docs/triton.md explains the design. In s
 """
 from __future__ import annotations
 
-import math
-import os
 from typing import Optional
 
 import torch
@@ -388,7 +386,7 @@ if INTERPRETED and isinstance(tl.max, triton.runtime.jit.JITFunction):
 
 
 def _kernel(fn):
-    """wrap_triton(fn), so that torch.compile traces the launch; interpreted kernels launch as is."""
+    """wrap_triton(fn), so that torch.compile traces the launch; interpreted kernels run as is."""
     return fn if INTERPRETED else wrap_triton(fn)
 
 
@@ -417,11 +415,23 @@ class LaunchConfig:
 
     def _set_gpu(self, dtype: torch.dtype, dim: int, multi_processor_count: int) -> None:
         self._set_common(dtype, dim)
-        half = dtype in (torch.float16, torch.bfloat16)
-        self.block_m = 64
-        self.block_n = 128 if half and self.block_d <= 128 else (64 if self.block_d <= 256 else 32)
-        self.backward_block_n = 64 if self.block_d <= 256 else 32
-        self.num_warps, self.num_stages = 4, 2
+        elem = torch.empty((), dtype=dtype).element_size()
+
+        def fits(rows: int, cols: int) -> bool:
+            # A query block and two stages of queue tiles within 128 KiB of shared memory.
+            return (rows + 2 * cols) * self.block_d * elem <= 128 * 1024
+
+        block_m, backward_block_n = 64, 64
+        while not fits(block_m, backward_block_n) and max(block_m, backward_block_n) > 16:
+            if backward_block_n >= block_m:
+                backward_block_n //= 2
+            else:
+                block_m //= 2
+        block_n = 128 if dtype in (torch.float16, torch.bfloat16) else 64
+        while not fits(block_m, block_n) and block_n > 16:
+            block_n //= 2
+        self.block_m, self.block_n, self.backward_block_n = block_m, block_n, backward_block_n
+        self.num_warps, self.num_stages = (8 if self.block_d >= 256 else 4), 2
         self.select_rows, self.select_block = 1, 128
         # Two waves of programs: with N = 256 the query blocks alone would be 4 programs.
         self.target_programs = 2 * multi_processor_count
@@ -453,8 +463,8 @@ def _check_device(query: torch.Tensor, name: str) -> None:
     if query.device.type == "cuda" or (INTERPRETED and query.device.type == "cpu"):
         return
     raise ValueError(
-        f"{name}: the Triton backend needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, "
-        f"set before kcl_ext.triton is imported), got {query.device}")
+        f"{name}: the Triton backend needs CUDA tensors (CPU tensors only under "
+        f"TRITON_INTERPRET=1, set before triton is imported), got {query.device}")
 
 
 def _int64(labels: torch.Tensor) -> torch.Tensor:
@@ -478,7 +488,8 @@ def _select(query_labels, queue_labels, seed, k: int, cfg: LaunchConfig) -> torc
 
 def _kpos_forward_impl(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
                        query_labels: torch.Tensor, queue_labels: torch.Tensor, seed: torch.Tensor,
-                       k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       k: int, temperature: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     name = "kpos_forward_triton"
     _validation.check_inputs(query, key, queue, query_labels, queue_labels, name)
     _validation.check_k(k, name)
@@ -498,7 +509,7 @@ def _kpos_forward_impl(query: torch.Tensor, key: torch.Tensor, queue: torch.Tens
     query_labels, queue_labels = _int64(query_labels), _int64(queue_labels)
     selection = _select(query_labels, queue_labels, seed, k, cfg)
 
-    scale2 = 1.4426950408889634 / temperature          # log2(e) / tau: logits in base 2
+    scale2 = LOG2E.value / temperature                 # log2(e) / tau: logits in base 2
     row_blocks = triton.cdiv(n, cfg.block_m)
     splits, tiles_per_split = _queue_splits(row_blocks, triton.cdiv(num_queue, cfg.block_n),
                                             cfg.target_programs)
@@ -540,7 +551,9 @@ def _kpos_backward_impl(grad_rows: torch.Tensor, query: torch.Tensor, key: torch
     need_query, need_key, need_queue = (bool(x) for x in output_mask)
 
     def grad_like(needed: bool, t: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty(0)
+        if not needed:
+            return t.new_empty(0)
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
 
     grad_query, grad_key, grad_queue = (grad_like(need_query, query), grad_like(need_key, key),
                                         grad_like(need_queue, queue))
@@ -550,7 +563,7 @@ def _kpos_backward_impl(grad_rows: torch.Tensor, query: torch.Tensor, key: torch
     query_labels, queue_labels = _int64(query_labels), _int64(queue_labels)
     grad_rows = grad_rows.to(acc).contiguous()
     lse, selection = lse.contiguous(), selection.contiguous()
-    scale2 = 1.4426950408889634 / temperature
+    scale2 = LOG2E.value / temperature
     inv_tau = 1.0 / temperature
     strides = (query.stride(0), query.stride(1))
 
@@ -580,7 +593,8 @@ def _kpos_backward_impl(grad_rows: torch.Tensor, query: torch.Tensor, key: torch
             query, queue, query_labels, queue_labels, selection, lse, grad_rows, grad_queue,
             n, num_queue, dim, *strides, queue.stride(0), queue.stride(1), scale2, inv_tau,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.backward_block_n, BLOCK_D=cfg.block_d,
-            DOT_PRECISION=cfg.dot_precision, UPCAST=cfg.upcast_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            DOT_PRECISION=cfg.dot_precision, UPCAST=cfg.upcast_dot, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
     return grad_query, grad_key, grad_queue
 
 
@@ -615,7 +629,9 @@ else:
     def _kpos_backward_fake(grad_rows, query, key, queue, query_labels, queue_labels, lse,
                             selection, temperature, output_mask):
         def grad_like(needed, t):
-            return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty(0)
+            if not needed:
+                return t.new_empty(0)
+            return torch.empty_like(t, memory_format=torch.contiguous_format)
 
         return (grad_like(output_mask[0], query), grad_like(output_mask[1], key),
                 grad_like(output_mask[2], queue))
@@ -646,17 +662,30 @@ torch.library.register_autograd(FORWARD_OP, _forward_backward, setup_context=_fo
 # ----------------------------------------------------------------------------------------------
 # Public entry point (kcl_ext.kpos_loss(..., backend="triton") lands here)
 # ----------------------------------------------------------------------------------------------
-def seed_tensor(seed: Optional[int], device: torch.device) -> torch.Tensor:
-    """The selection seed as an int64 [1] tensor on `device`, read by the selection kernel.
+@torch.library.custom_op("kcl::triton_seed", mutates_args=())
+def _draw_seed(like: torch.Tensor) -> torch.Tensor:
+    """A fresh seed from torch's default CPU generator (as the reference draws it), as int64 [1]
+    on like's device. An opaque op, so that torch.compile runs this very draw at run time
+    instead of lowering it to its own random-number generator."""
+    drawn = torch.randint(_validation.INT64_MIN, _validation.INT64_MAX, (1,), dtype=torch.int64)
+    return drawn.to(like.device)
 
-    seed=None draws it from torch's default CPU generator, as the reference does, so
-    torch.manual_seed reproduces a run. Keeping the seed in a tensor means no host sync, no
-    graph break under torch.compile, and no kernel recompilation per seed value.
+
+@_draw_seed.register_fake
+def _draw_seed_fake(like):
+    return like.new_empty(1, dtype=torch.int64)
+
+
+def seed_tensor(seed: Optional[int], like: torch.Tensor) -> torch.Tensor:
+    """The selection seed as an int64 [1] tensor on like's device, which the selection kernel reads.
+
+    seed=None draws it from torch's default CPU generator, so torch.manual_seed reproduces a run
+    (the same draw as kcl_ext.kpos_loss_reference). A tensor, rather than a kernel argument, means
+    no host sync, no graph break under torch.compile, and no recompilation per seed value.
     """
     if seed is None:
-        drawn = torch.randint(_validation.INT64_MIN, _validation.INT64_MAX, (1,), dtype=torch.int64)
-        return drawn.to(device)
-    return torch.tensor([seed], dtype=torch.int64, device=device)
+        return _draw_seed(like)
+    return torch.tensor([seed], dtype=torch.int64, device=like.device)
 
 
 def kpos_loss_triton(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
@@ -668,7 +697,7 @@ def kpos_loss_triton(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor
                           seed)
     _check_device(query, "kpos_loss")
     loss_rows, _lse, _selection = torch.ops.kcl.kpos_forward_triton(
-        query, key, queue, query_labels, queue_labels, seed_tensor(seed, query.device), k,
+        query, key, queue, query_labels, queue_labels, seed_tensor(seed, query), k,
         float(temperature))
     if reduction == "sum":
         loss_rows = loss_rows.sum()
