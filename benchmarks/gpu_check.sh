@@ -9,8 +9,8 @@
 #    TORCH_CUDA_ARCH_LIST says otherwise);
 # 2. runs the benchmark (benchmarks/gpu_bench.py: N=256, Q=65536, D=128, bf16, forward+backward;
 #    fused kernels against the eager and the compiled reference);
-# 3. runs the GPU tests: tests/test_triton.py on the GPU, tests/test_triton_gpu.py, and every
-#    test marked `gpu`;
+# 3. runs the GPU tests: tests/test_triton_gpu.py, tests/test_triton.py (on the GPU), and every
+#    other test marked `gpu`;
 # 4. writes OUT_DIR/gpu_check.json: GPU, commit, date, each step's status and time, and the
 #    benchmark's results; logs of every step lie beside it.
 # Each step has a time limit, and the whole script stays inside 8 minutes (BUDGET_S=480).
@@ -74,7 +74,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # GPU_BENCH_ARGS: extra arguments (e.g. smaller shapes for a dry run of this script).
 run benchmark 150 "$PY" -m benchmarks.gpu_bench --json "$OUT/gpu_bench.json" ${GPU_BENCH_ARGS:-}
-run test_triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_triton_gpu.py
+run test_triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py tests/test_triton.py
 run test_gpu_marked 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests \
   --ignore=tests/test_triton.py --ignore=tests/test_triton_gpu.py
 
