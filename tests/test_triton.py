@@ -246,3 +246,16 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="seed must be an int64 tensor"):
         torch.ops.kcl.kpos_forward_triton(query, key, queue, query_labels, queue_labels,
                                           torch.zeros(1, device=DEVICE), 6, 0.07)
+
+
+def test_opcheck():
+    inputs = make_inputs(n=18, q=40)
+    seed = kernels.seed_tensor(4, inputs[0])
+    torch.library.opcheck(torch.ops.kcl.kpos_forward_triton, (*inputs, seed, 6, 0.1))
+    rows, lse, selection = torch.ops.kcl.kpos_forward_triton(*inputs, seed, 6, 0.1)
+    grad_rows = torch.randn(18).to(DEVICE)
+    detached = [t.detach() for t in inputs]
+    # The backward has no derivative of its own (no double backward), so no autograd test.
+    torch.library.opcheck(torch.ops.kcl.kpos_backward_triton,
+                          (grad_rows, *detached, lse, selection, 0.1, [True, False, True]),
+                          test_utils=("test_schema", "test_faketensor"))
