@@ -73,9 +73,14 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # GPU_BENCH_ARGS: extra arguments (e.g. smaller shapes for a dry run of this script).
-run benchmark 150 "$PY" -m benchmarks.gpu_bench --json "$OUT/gpu_bench.json" ${GPU_BENCH_ARGS:-}
-run test_triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py tests/test_triton.py
-run test_gpu_marked 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests \
+run benchmark 120 "$PY" -m benchmarks.gpu_bench --json "$OUT/gpu_bench.json" ${GPU_BENCH_ARGS:-}
+# Most of the tests' time is Triton compiling kernels (one process compiles one at a time):
+# spread them over 4 processes when pytest-xdist is there.
+PARALLEL=()
+"$PY" -c "import xdist" >/dev/null 2>&1 && PARALLEL=(-n 4)
+run test_triton 240 "$PY" -m pytest -q -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} \
+  tests/test_triton_gpu.py tests/test_triton.py
+run test_gpu_marked 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests \
   --ignore=tests/test_triton.py --ignore=tests/test_triton_gpu.py
 
 COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
