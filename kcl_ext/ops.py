@@ -4,6 +4,8 @@ The schemas and the kernels are registered in C++ (csrc/); see docs/kpos_loss.md
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from . import _library  # noqa: F401  (loads the compiled library: torch.ops.kcl.*)
@@ -86,6 +88,13 @@ torch.library.register_autograd("kcl::kpos_backward", _kpos_backward_backward)
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
+# --- backend="auto" on CUDA (docs/triton.md) ---------------------------------------------------
+# For now: the fused Triton kernels whenever Triton is installed, else the CUDA kernels. The rule
+# is meant to become "the faster of the two, as measured", once both run on one GPU.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+# --- end backend="auto" on CUDA -----------------------------------------------------------------
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"kpos_loss: backend must be one of {BACKENDS}, got {backend!r}")
@@ -93,7 +102,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cpu":
             return "cpu"
         if device.type == "cuda":
-            return "cuda"
+            return "triton" if TRITON_AVAILABLE else "cuda"
         raise ValueError(f"kpos_loss: no kpos_loss backend for device type {device.type!r}")
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(
