@@ -5,13 +5,11 @@ before `triton` is first imported (its own jit helpers, such as tl.max, are deco
 """
 import os
 
-import torch
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
 
 
 def make_inputs(n, q, d, *, classes=5, dtype=torch.float32, empty_fraction=0.1, seed=0,
