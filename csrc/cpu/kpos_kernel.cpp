@@ -312,15 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kpos_backward_cpu(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n = query.size(0), q = queue.size(0);
   const auto acc_type = acc_type_of(query.scalar_type());
-  TORCH_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == n,
-                    "kpos_backward: grad_rows must be [N] = [", n, "], got ", grad_rows.sizes());
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == n && lse.scalar_type() == acc_type,
-                    "kpos_backward: lse must be [N] = [", n, "] of dtype ", acc_type, ", got ",
-                    lse.sizes(), " ", lse.scalar_type());
-  TORCH_CHECK_VALUE(selection.dim() == 2 && selection.size(0) == n && selection.size(1) == 3 &&
-                        selection.scalar_type() == at::kLong,
-                    "kpos_backward: selection must be int64 [N, 3] = [", n, ", 3], got ",
-                    selection.sizes(), " ", selection.scalar_type());
+  check_backward_state(grad_rows, lse, selection, n, acc_type);
   const bool need_query_key = output_mask[0] || output_mask[1];
   const bool need_queue = output_mask[2];
   at::Tensor grad_query_acc = at::zeros({n, query.size(1)}, query.options().dtype(acc_type));
