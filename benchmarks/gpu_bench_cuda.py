@@ -20,6 +20,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 
 import torch
 
@@ -88,25 +89,35 @@ def run_step(loss_fn, inputs):
 
 
 def measure(loss_fn, inputs, warmup, repeats):
+    """CUDA: event timing and allocator peak. CPU (a dry run of this script's logic only):
+    wall-clock timing, no memory figure."""
+    cuda = inputs[0].is_cuda
     for _ in range(warmup):
         run_step(loss_fn, inputs)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    loss, grads = run_step(loss_fn, inputs)
-    torch.cuda.synchronize()
-    peak_extra = torch.cuda.max_memory_allocated() - base
-    del loss, grads
+    peak_extra = None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss, grads = run_step(loss_fn, inputs)
+        torch.cuda.synchronize()
+        peak_extra = int(torch.cuda.max_memory_allocated() - base)
+        del loss, grads
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run_step(loss_fn, inputs)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run_step(loss_fn, inputs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run_step(loss_fn, inputs)
+            times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "times_ms": times,
-            "peak_extra_bytes": int(peak_extra)}
+            "peak_extra_bytes": peak_extra}
 
 
 def git_commit() -> str:
@@ -132,21 +143,25 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--device", default="cuda",
+                   help="cuda (the benchmark); cpu only dry-runs this script with small shapes")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_bench_cuda: needs a CUDA GPU")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (dry run)"
 
     dtype = getattr(torch, args.dtype)
-    inputs = make_inputs(args.n, args.q, args.d, dtype, args.classes, "cuda", args.grads)
+    inputs = make_inputs(args.n, args.q, args.d, dtype, args.classes, args.device, args.grads)
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     want_loss, want_grads = run_step(IMPLEMENTATIONS["reference"](args.k, args.temperature), inputs)
     results = {}
-    print(f"kpos_loss forward+backward on {torch.cuda.get_device_name()} (torch {torch.__version__}): "
+    print(f"kpos_loss forward+backward on {device_name} (torch {torch.__version__}): "
           f"N={args.n} Q={args.q} D={args.d} k={args.k} {args.dtype}, grad of {', '.join(args.grads)}")
     print(f"{'impl':>20} {'median ms':>10} {'peak extra MiB':>15} {'loss':>10}")
     for name in args.impls:
-        if not available(name):
-            print(f"{name:>20} (not available in this build)")
+        needs_gpu = name in ("cuda", "triton")
+        if (needs_gpu and args.device != "cuda") or not available(name):
+            print(f"{name:>20} (not available {'on ' + args.device if needs_gpu and args.device != 'cuda' else 'in this build'})")
             results[name] = {"available": False}
             continue
         loss_fn = IMPLEMENTATIONS[name](args.k, args.temperature)
@@ -157,12 +172,12 @@ def main(argv=None):
         r = measure(loss_fn, inputs, args.warmup, args.repeats)
         r.update(available=True, loss=float(loss))
         results[name] = r
-        print(f"{name:>20} {r['median_ms']:>10.3f} {r['peak_extra_bytes'] / 2**20:>15.1f} "
-              f"{r['loss']:>10.5f}")
+        mib = "n/a" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.1f}"
+        print(f"{name:>20} {r['median_ms']:>10.3f} {mib:>15} {r['loss']:>10.5f}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            json.dump({"device": device_name, "torch": torch.__version__,
                        "cuda": torch.version.cuda, "python": platform.python_version(),
                        "commit": git_commit(),
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),

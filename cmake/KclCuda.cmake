@@ -41,6 +41,11 @@ if(KCL_WITH_CUDA)
   endforeach()
   set(CMAKE_CUDA_ARCHITECTURES ${KCL_CUDA_ARCHITECTURES})
   enable_language(CUDA)
+  # torch's targets ask for C++20 on every language; CMake < 3.26 knows no nvcc flag for it.
+  if(NOT CMAKE_CUDA20_STANDARD_COMPILE_OPTION)
+    set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+    set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+  endif()
 
   file(GLOB KCL_CUDA_SOURCES CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu)
   target_sources(kcl_ops PRIVATE ${KCL_CUDA_SOURCES})

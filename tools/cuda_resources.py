@@ -46,9 +46,10 @@ def demangle(names: list[str]) -> list[str]:
 def short_name(demangled: str) -> str:
     """`void kcl::cuda::(anonymous namespace)::forward_partial_kernel<kcl::cuda::WmmaEngine<c10::Half>, c10::Half>(...)`
     -> `forward_partial_kernel<WmmaEngine<Half>>`."""
-    name = demangled.split("(", 1)[0] if "(" in demangled else demangled
+    name = demangled.replace("(anonymous namespace)::", "")
+    name = name.split("(", 1)[0]
     name = re.sub(r"^void ", "", name)
-    for prefix in ("kcl::cuda::(anonymous namespace)::", "kcl::cuda::", "kcl::", "c10::"):
+    for prefix in ("kcl::cuda::", "kcl::", "c10::"):
         name = name.replace(prefix, "")
     # Drop the scalar type that repeats the engine's: Kernel<Engine<T>, T> -> Kernel<Engine<T>>.
     name = re.sub(r"<(\w+Engine<(\w+)>), \2>", r"<\1>", name)

@@ -237,7 +237,7 @@ void launch_select(const at::Tensor& query_labels_long, const SortedQueue& sorte
 // partial[split][i] = (max, sum of exp(s - max), sum of positive logits) of row i over the
 // queue tiles of `split`.
 template <typename Engine, typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(Engine::kThreads)
 forward_partial_kernel(Matrix<scalar_t> query, Matrix<scalar_t> queue,
                        const int64_t* query_labels, const int64_t* queue_labels,
                        const int64_t* selection, typename Engine::acc_t inv_tau,
@@ -260,7 +260,7 @@ forward_partial_kernel(Matrix<scalar_t> query, Matrix<scalar_t> queue,
     const int64_t tile_begin = split * tiles_per_split;
     const int64_t tile_end =
         tile_begin + tiles_per_split < num_tiles ? tile_begin + tiles_per_split : num_tiles;
-    for (int r = tid; r < BM; r += kThreads) {
+    for (int r = tid; r < BM; r += Engine::kThreads) {
       const int64_t i = row0 + r;
       row_label[r] = i < n ? query_labels[i] : -1;
       row_keys[r] = i < n ? static_cast<uint32_t>(selection[i * 3 + kSelRowKey]) : 0u;
@@ -271,11 +271,11 @@ forward_partial_kernel(Matrix<scalar_t> query, Matrix<scalar_t> queue,
     }
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t col0 = tile * BN;
-      for (int c = tid; c < BN; c += kThreads)
+      for (int c = tid; c < BN; c += Engine::kThreads)
         col_label[c] = col0 + c < q ? queue_labels[col0 + c] : -1;
       Engine::logits_tile(sm, query, row0, queue, col0);  // ends with __syncthreads()
       // One warp per row: a tile max, the rescaled sum and the positive logits.
-      for (int r = warp; r < BM; r += kThreads / 32) {
+      for (int r = warp; r < BM; r += Engine::kThreads / 32) {
         if (row0 + r >= n) break;
         acc_t logits[BN / 32];
         acc_t tile_max = -std::numeric_limits<acc_t>::infinity();
@@ -311,7 +311,7 @@ forward_partial_kernel(Matrix<scalar_t> query, Matrix<scalar_t> queue,
       }
       __syncthreads();
     }
-    for (int r = tid; r < BM; r += kThreads) {
+    for (int r = tid; r < BM; r += Engine::kThreads) {
       const int64_t i = row0 + r;
       if (i >= n) continue;
       acc_t* out = partial + (split * n + i) * 3;
@@ -373,7 +373,7 @@ void run_forward(const at::Tensor& query, const at::Tensor& key, const at::Tenso
   const auto q_mat = matrix_of<scalar_t>(query), k_mat = matrix_of<scalar_t>(key);
   if (split.count > 0) {
     const dim3 grid(row_blocks, split.count);
-    forward_partial_kernel<Engine, scalar_t><<<grid, kThreads, 0, stream>>>(
+    forward_partial_kernel<Engine, scalar_t><<<grid, Engine::kThreads, 0, stream>>>(
         q_mat, matrix_of<scalar_t>(queue), query_labels.data_ptr<int64_t>(),
         queue_labels.data_ptr<int64_t>(), selection.data_ptr<int64_t>(), inv_tau,
         split.tiles_per_split, ceil_div(q, Engine::BN), partial.data_ptr<acc_t>());
@@ -398,7 +398,7 @@ struct RowGrad {
 
   __device__ void load(int64_t row0, int64_t n, const int64_t* query_labels,
                        const int64_t* selection, const acc_t* row_lse, const acc_t* grad_rows) {
-    for (int r = threadIdx.x; r < BM; r += kThreads) {
+    for (int r = threadIdx.x; r < BM; r += blockDim.x) {
       const int64_t i = row0 + r;
       const bool live = i < n;
       label[r] = live ? query_labels[i] : -1;
@@ -420,7 +420,8 @@ __device__ __forceinline__ void logits_to_grad(typename Engine::Smem& sm,
                                                int64_t col0, typename Engine::acc_t inv_tau) {
   using acc_t = typename Engine::acc_t;
   constexpr int BN = Engine::BN;
-  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+#pragma unroll 4
+  for (int e = threadIdx.x; e < BM * BN; e += Engine::kThreads) {
     const int r = e / BN, c = e % BN;
     acc_t g = acc_t(0);
     if (row0 + r < n && col_label[c] >= 0) {
@@ -439,7 +440,8 @@ __device__ __forceinline__ void load_v_tile(typename Engine::Smem& sm,
                                             const Matrix<scalar_t>& source, int64_t first_row,
                                             int rows, int64_t d0) {
   constexpr int DV = Engine::DV;
-  for (int e = threadIdx.x; e < rows * DV; e += kThreads) {
+#pragma unroll 4
+  for (int e = threadIdx.x; e < rows * DV; e += Engine::kThreads) {
     const int r = e / DV, c = e % DV;
     Engine::v_row(sm, r)[c] = source.contains(first_row + r, d0 + c)
                                   ? Engine::to_smem(source.at(first_row + r, d0 + c))
@@ -448,8 +450,10 @@ __device__ __forceinline__ void load_v_tile(typename Engine::Smem& sm,
 }
 
 // partial[split][i][d] = sum over the split's queue entries j of G_ij queue_jd.
+// minBlocksPerMultiprocessor = 1: without it ptxas aims at two 256-thread blocks per SM (128
+// registers) and spills a few values of the tile loop for float16 (docs/cuda_resources.md).
 template <typename Engine, typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(Engine::kThreads, 1)
 dquery_partial_kernel(Matrix<scalar_t> query, Matrix<scalar_t> queue,
                       const int64_t* query_labels, const int64_t* queue_labels,
                       const int64_t* selection, const typename Engine::acc_t* row_lse,
@@ -477,7 +481,7 @@ dquery_partial_kernel(Matrix<scalar_t> query, Matrix<scalar_t> queue,
     Engine::zero(acc);
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t col0 = tile * BN;
-      for (int c = threadIdx.x; c < BN; c += kThreads)
+      for (int c = threadIdx.x; c < BN; c += Engine::kThreads)
         col_label[c] = col0 + c < q ? queue_labels[col0 + c] : -1;
       Engine::logits_tile(sm, query, row0, queue, col0);
       logits_to_grad<Engine, BM>(sm, rows, col_label, row0, n, col0, inv_tau);
@@ -535,7 +539,7 @@ __global__ void dquery_dkey_kernel(Matrix<scalar_t> query, Matrix<scalar_t> key,
 // grad_queue[j][d] = sum over all queries i of G_ij query_id / tau; one block per queue tile
 // and D slice, so every element is written once.
 template <typename Engine, typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(Engine::kThreads)
 dqueue_kernel(Matrix<scalar_t> query, Matrix<scalar_t> queue, const int64_t* query_labels,
               const int64_t* queue_labels, const int64_t* selection,
               const typename Engine::acc_t* row_lse, const typename Engine::acc_t* grad_rows,
@@ -552,7 +556,7 @@ dqueue_kernel(Matrix<scalar_t> query, Matrix<scalar_t> queue, const int64_t* que
     const int64_t n = query.rows, q = queue.rows, d = query.cols;
     const int64_t col0 = static_cast<int64_t>(blockIdx.x) * BN;
     const int64_t d0 = static_cast<int64_t>(blockIdx.y) * DV;
-    for (int c = threadIdx.x; c < BN; c += kThreads)
+    for (int c = threadIdx.x; c < BN; c += Engine::kThreads)
       col_label[c] = col0 + c < q ? queue_labels[col0 + c] : -1;
     typename Engine::AccDqueue acc;
     Engine::zero(acc);
@@ -601,7 +605,7 @@ void run_backward(const at::Tensor& grad_rows, const at::Tensor& query, const at
     at::Tensor partial = at::empty({split.count, n, d}, lse.options());
     if (split.count > 0) {
       const dim3 grid(row_blocks, split.count, d_slices);
-      dquery_partial_kernel<Engine, scalar_t><<<grid, kThreads, 0, stream>>>(
+      dquery_partial_kernel<Engine, scalar_t><<<grid, Engine::kThreads, 0, stream>>>(
           q_mat, queue_mat, qlab, klab, sel, lse_p, grad_p, inv_tau, split.tiles_per_split,
           num_tiles, partial.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -615,7 +619,7 @@ void run_backward(const at::Tensor& grad_rows, const at::Tensor& query, const at
   }
   if (grad_queue && q > 0 && d > 0) {
     const dim3 grid(num_tiles, d_slices);
-    dqueue_kernel<Engine, scalar_t><<<grid, kThreads, 0, stream>>>(
+    dqueue_kernel<Engine, scalar_t><<<grid, Engine::kThreads, 0, stream>>>(
         q_mat, queue_mat, qlab, klab, sel, lse_p, grad_p, inv_tau,
         grad_queue->data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,11 +1,12 @@
-// Tile engines of the kpos_loss CUDA kernels: how a thread block of 128
-// threads computes one tile of logits and the two gradient products.
+// Tile engines of the kpos_loss CUDA kernels: how a thread block computes one
+// tile of logits and the two gradient products.
 //
 //   logits_tile   S[BM][BN]  = Qblk[BM][D] . QueueTile[BN][D]^T  (raw dot products, fp32/fp64)
 //   mma_dq        C[BM][DV] += G[BM][BN] . V[BN][DV]           (V: queue rows, a D slice)
 //   mma_dqueue    C[BN][DV] += G[BM][BN]^T . V[BM][DV]         (V: query rows, a D slice)
 //
-// Two engines share that interface, so the kernels in kpos_kernel.cu are written once:
+// Two engines share that interface (and say how many threads a block has, kThreads), so the
+// kernels in kpos_kernel.cu are written once:
 //
 // * WmmaEngine (float16 / bfloat16 on sm_80+): tensor-core m16n16k16 products through
 //   nvcuda::wmma with fp32 accumulators. The gradient tile G is rounded to the input
@@ -30,8 +31,6 @@
 
 namespace kcl {
 namespace cuda {
-
-constexpr int kThreads = 128;  // every tile kernel: 4 warps
 
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -58,6 +57,7 @@ struct Matrix {
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
 struct SimtEngine {
+  static constexpr int kThreads = 128;  // a 8 x 16 grid of threads
   using acc_t = acc_type_t<scalar_t>;
   using smem_t = acc_t;  // element type of the shared tiles
   static constexpr bool kDouble = std::is_same_v<acc_t, double>;
@@ -104,11 +104,13 @@ struct SimtEngine {
       for (int b = 0; b < BN / 16; ++b) acc[a][b] = acc_t(0);
     const int64_t d = query.cols;
     for (int64_t d0 = 0; d0 < d; d0 += KC) {
+#pragma unroll 4
       for (int e = tid; e < BM * KC; e += kThreads) {
         const int r = e / KC, kk = e % KC;
         sm.u.chunk.a[r][kk] = query.contains(row0 + r, d0 + kk)
                                   ? to_smem(query.at(row0 + r, d0 + kk)) : acc_t(0);
       }
+#pragma unroll 4
       for (int e = tid; e < BN * KC; e += kThreads) {
         const int r = e / KC, kk = e % KC;
         sm.u.chunk.b[r][kk] = queue.contains(col0 + r, d0 + kk)
@@ -196,8 +198,9 @@ struct SimtEngine {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core engine (float16 / bfloat16, sm_80+). Warp w owns the 16 rows 16w..16w+15 of every
-// output tile and its 4 column blocks of 16. Row pitches are padded by 8 halves (16 bytes) so
+// Tensor-core engine (float16 / bfloat16, sm_80+), 256 threads: each of the 8 warps owns two
+// 16 x 16 blocks of every 64 x 64 output tile, so a thread holds 16 fp32 accumulators of the
+// logits tile and 16 of a gradient tile (4 warps would need 32 + 32 and spill). Row pitches are padded by 8 halves (16 bytes) so
 // that wmma fragment pointers stay 32-byte aligned and rows do not collide on the same banks.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
@@ -206,22 +209,29 @@ template <>
 struct NativeHalf<at::Half> {
   using type = __half;
   static __device__ __forceinline__ type from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ type from_scalar(at::Half x) { return __ushort_as_half(x.x); }
 };
 template <>
 struct NativeHalf<at::BFloat16> {
   using type = __nv_bfloat16;
   static __device__ __forceinline__ type from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ type from_scalar(at::BFloat16 x) {
+    return __ushort_as_bfloat16(x.x);
+  }
 };
 
 template <typename scalar_t>
 struct WmmaEngine {
+  static constexpr int kThreads = 256;  // 8 warps
+  static constexpr int kWarps = kThreads / 32;
   using acc_t = float;
   using smem_t = typename NativeHalf<scalar_t>::type;
   static constexpr int BM = 64, BN = 64, KC = 32, DV = 64, VR = 64;
   static constexpr int kPad = 8;     // halves of padding per row
   static constexpr int kAccPad = 4;  // floats of padding per row
-  static constexpr int kWarps = kThreads / 32;
-  static_assert(BM == 16 * kWarps && BN == 64 && DV == 64, "warp layout assumes 64 x 64 tiles");
+  static constexpr int kTilesPerWarp = 2;  // 16 x 16 output blocks per warp
+  static_assert(BM == 64 && BN == 64 && DV == 64 && kWarps == 8,
+                "warp layout: 4 row blocks x 2 column halves of a 64 x 64 tile");
 
   struct Smem {
     union {
@@ -237,12 +247,17 @@ struct WmmaEngine {
 
   using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
   struct AccDq {
-    FragAcc c[4];
+    FragAcc c[kTilesPerWarp];
   };
   using AccDqueue = AccDq;
 
+  // Warp w owns rows 16 (w % 4) .. +16 and columns 32 (w / 4) .. +32 of every 64 x 64 tile.
+  static __device__ __forceinline__ int warp_row() { return 16 * ((threadIdx.x / 32) % 4); }
+  static __device__ __forceinline__ int warp_col(int t) { return 32 * ((threadIdx.x / 32) / 4) + 16 * t; }
+
+  // The same 16 bits, no round trip through float.
   static __device__ __forceinline__ smem_t to_smem(scalar_t x) {
-    return NativeHalf<scalar_t>::from_float(static_cast<float>(x));
+    return NativeHalf<scalar_t>::from_scalar(x);
   }
   static __device__ __forceinline__ smem_t smem_zero() { return NativeHalf<scalar_t>::from_float(0.0f); }
   static __device__ __forceinline__ acc_t logit(const Smem& sm, int r, int c) { return sm.s[r][c]; }
@@ -253,23 +268,25 @@ struct WmmaEngine {
 
   static __device__ __forceinline__ void zero(AccDq& acc) {
 #pragma unroll
-    for (int t = 0; t < 4; ++t) nvcuda::wmma::fill_fragment(acc.c[t], 0.0f);
+    for (int t = 0; t < kTilesPerWarp; ++t) nvcuda::wmma::fill_fragment(acc.c[t], 0.0f);
   }
 
   static __device__ void logits_tile(Smem& sm, const Matrix<scalar_t>& query, int64_t row0,
                                      const Matrix<scalar_t>& queue, int64_t col0) {
     using namespace nvcuda;
-    const int tid = threadIdx.x, warp = tid / 32;
+    const int tid = threadIdx.x;
     AccDq acc;
     zero(acc);
     const int64_t d = query.cols;
     const smem_t zero_h = smem_zero();
     for (int64_t d0 = 0; d0 < d; d0 += KC) {
+#pragma unroll 4
       for (int e = tid; e < BM * KC; e += kThreads) {
         const int r = e / KC, kk = e % KC;
         sm.u.chunk.a[r][kk] = query.contains(row0 + r, d0 + kk)
                                   ? to_smem(query.at(row0 + r, d0 + kk)) : zero_h;
       }
+#pragma unroll 4
       for (int e = tid; e < BN * KC; e += kThreads) {
         const int r = e / KC, kk = e % KC;
         sm.u.chunk.b[r][kk] = queue.contains(col0 + r, d0 + kk)
@@ -279,35 +296,35 @@ struct WmmaEngine {
 #pragma unroll
       for (int kk = 0; kk < KC; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, smem_t, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, &sm.u.chunk.a[16 * warp][kk], KC + kPad);
+        wmma::load_matrix_sync(fa, &sm.u.chunk.a[warp_row()][kk], KC + kPad);
 #pragma unroll
-        for (int t = 0; t < 4; ++t) {
+        for (int t = 0; t < kTilesPerWarp; ++t) {
           // QueueTile^T as a column-major K x N operand: element (k, n) = b[n][k].
           wmma::fragment<wmma::matrix_b, 16, 16, 16, smem_t, wmma::col_major> fb;
-          wmma::load_matrix_sync(fb, &sm.u.chunk.b[16 * t][kk], KC + kPad);
+          wmma::load_matrix_sync(fb, &sm.u.chunk.b[warp_col(t)][kk], KC + kPad);
           wmma::mma_sync(acc.c[t], fa, fb, acc.c[t]);
         }
       }
       __syncthreads();
     }
 #pragma unroll
-    for (int t = 0; t < 4; ++t)
-      wmma::store_matrix_sync(&sm.s[16 * warp][16 * t], acc.c[t], BN + kAccPad, wmma::mem_row_major);
+    for (int t = 0; t < kTilesPerWarp; ++t)
+      wmma::store_matrix_sync(&sm.s[warp_row()][warp_col(t)], acc.c[t], BN + kAccPad,
+                              wmma::mem_row_major);
     __syncthreads();
   }
 
   // acc += G[BM][BN] . v[BN][DV]
   static __device__ void mma_dq(AccDq& acc, const Smem& sm) {
     using namespace nvcuda;
-    const int warp = threadIdx.x / 32;
 #pragma unroll
     for (int kk = 0; kk < BN; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, smem_t, wmma::row_major> fa;
-      wmma::load_matrix_sync(fa, &sm.g[16 * warp][kk], BN + kPad);
+      wmma::load_matrix_sync(fa, &sm.g[warp_row()][kk], BN + kPad);
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
+      for (int t = 0; t < kTilesPerWarp; ++t) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, smem_t, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, &sm.u.v[kk][16 * t], DV + kPad);
+        wmma::load_matrix_sync(fb, &sm.u.v[kk][warp_col(t)], DV + kPad);
         wmma::mma_sync(acc.c[t], fa, fb, acc.c[t]);
       }
     }
@@ -316,15 +333,14 @@ struct WmmaEngine {
   // acc += G[BM][BN]^T . v[BM][DV]: G^T is G read as a column-major operand.
   static __device__ void mma_dqueue(AccDqueue& acc, const Smem& sm) {
     using namespace nvcuda;
-    const int warp = threadIdx.x / 32;
 #pragma unroll
     for (int kk = 0; kk < BM; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, smem_t, wmma::col_major> fa;
-      wmma::load_matrix_sync(fa, &sm.g[kk][16 * warp], BN + kPad);
+      wmma::load_matrix_sync(fa, &sm.g[kk][warp_row()], BN + kPad);
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
+      for (int t = 0; t < kTilesPerWarp; ++t) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, smem_t, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, &sm.u.v[kk][16 * t], DV + kPad);
+        wmma::load_matrix_sync(fb, &sm.u.v[kk][warp_col(t)], DV + kPad);
         wmma::mma_sync(acc.c[t], fa, fb, acc.c[t]);
       }
     }
@@ -334,13 +350,13 @@ struct WmmaEngine {
   template <typename Fn>
   static __device__ void for_each(const AccDq& acc, Smem& sm, Fn fn) {
     using namespace nvcuda;
-    const int tid = threadIdx.x, warp = tid / 32;
     __syncthreads();
 #pragma unroll
-    for (int t = 0; t < 4; ++t)
-      wmma::store_matrix_sync(&sm.s[16 * warp][16 * t], acc.c[t], BN + kAccPad, wmma::mem_row_major);
+    for (int t = 0; t < kTilesPerWarp; ++t)
+      wmma::store_matrix_sync(&sm.s[warp_row()][warp_col(t)], acc.c[t], BN + kAccPad,
+                              wmma::mem_row_major);
     __syncthreads();
-    for (int e = tid; e < 64 * DV; e += kThreads) fn(e / DV, e % DV, sm.s[e / DV][e % DV]);
+    for (int e = threadIdx.x; e < 64 * DV; e += kThreads) fn(e / DV, e % DV, sm.s[e / DV][e % DV]);
   }
 };
 
