@@ -56,7 +56,7 @@ $(CUDA_BUILD)/.checked: $(STAMP) $(SOURCES) tools/cuda_resources.py tools/check_
 	echo "CUDA build ($(CUDA_ARCHS)) compiled and linked in $$(( $$(date +%s) - start )) s"
 	sed -n '/kcl_ext build configuration/,/^=====/p' $(CUDA_BUILD)/build.log | tail -n +2
 	$(PY) tools/cuda_resources.py $(CUDA_BUILD)/build.log --check
-	KCL_EXT_LIBRARY="$$(ls $(CUDA_BUILD)/lib/kcl_ext/_C*.so)" $(PY) tools/check_cuda_library.py
+	KCL_EXT_LIBRARY="$$(ls $(CUDA_BUILD)/lib/kcl_ext/_C*.so)" PYTHONPATH=$(CURDIR) $(PY) tools/check_cuda_library.py
 	touch $@
 
 # Regenerates docs/cuda_resources.md from the check build's ptxas report.

@@ -170,7 +170,7 @@ def main(argv=None):
         for got, want in zip(grads, want_grads):
             torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
         r = measure(loss_fn, inputs, args.warmup, args.repeats)
-        r.update(available=True, loss=float(loss))
+        r.update(available=True, loss=float(loss.detach()))
         results[name] = r
         mib = "n/a" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.1f}"
         print(f"{name:>20} {r['median_ms']:>10.3f} {mib:>15} {r['loss']:>10.5f}")
