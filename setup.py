@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import site
 import sys
-
-import shutil
 
 from setuptools import find_packages, setup
 
@@ -27,8 +26,9 @@ def locate_cuda_toolkit():
     """Points CUDA_HOME at a complete toolkit before torch.utils.cpp_extension reads it.
 
     torch guesses CUDA_HOME from the `nvcc` on PATH; when that nvcc is a wrapper script (say
-    /usr/local/bin/nvcc) the guess (/usr/local) has no CUDA headers or libraries, and the link
-    fails. An explicit, valid CUDA_HOME or CUDA_PATH is always kept.
+    /usr/local/bin/nvcc) the guess (/usr/local) has no CUDA headers or libraries
+    (include/cuda_runtime.h, lib64/libcudart.so). An explicit, valid CUDA_HOME or CUDA_PATH is
+    always kept.
     """
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if _is_cuda_toolkit(os.environ.get(var)):

@@ -200,8 +200,9 @@ struct SimtEngine {
 // ---------------------------------------------------------------------------------------------
 // Tensor-core engine (float16 / bfloat16, sm_80+), 256 threads: each of the 8 warps owns two
 // 16 x 16 blocks of every 64 x 64 output tile, so a thread holds 16 fp32 accumulators of the
-// logits tile and 16 of a gradient tile (4 warps would need 32 + 32 and spill). Row pitches are padded by 8 halves (16 bytes) so
-// that wmma fragment pointers stay 32-byte aligned and rows do not collide on the same banks.
+// logits tile and 16 of a gradient tile (with 4 warps it would be 32 + 32, and ptxas spilled).
+// Row pitches are padded by 8 halves (16 bytes) so that wmma fragment pointers stay 32-byte
+// aligned and rows do not collide on the same banks.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
 struct NativeHalf;
