@@ -6,7 +6,7 @@ The rule (docs/cuda_kernels.md, "Choosing the backend"):
    (an explicit `backend=` argument always wins over it).
 2. If only one of the two is available (the CUDA kernels are compiled in, `kcl_ext.triton`
    imports), that one is used.
-3. Otherwise the first call for a (device, dtype, shape bucket, which inputs need a gradient) key
+3. Otherwise the first call for a (device, dtype, shape bucket, which inputs get a gradient) key
    times both, forward plus the backward that the call will need, with a fixed seed (the
    default generator is not touched), one warm-up and the median of three timed runs, and caches
    the faster; a tie goes to "cuda". Shape buckets round N, Q and D up to powers of two. Every
@@ -55,7 +55,13 @@ def _bucket(size: int) -> int:
 def choice_key(query, key, queue) -> tuple:
     n, d = query.shape
     return (query.device.type, query.device.index, query.dtype, _bucket(n), _bucket(queue.size(0)),
-            _bucket(d), tuple(bool(t.requires_grad) for t in (query, key, queue)))
+            _bucket(d), _needs_grad(query, key, queue))
+
+
+def _needs_grad(query, key, queue) -> tuple:
+    """Which of the three will get a gradient in this call (none under torch.no_grad)."""
+    enabled = torch.is_grad_enabled()
+    return tuple(enabled and bool(t.requires_grad) for t in (query, key, queue))
 
 
 def chosen_backends() -> dict:
@@ -74,7 +80,8 @@ def time_backend(run, backend: str, query, key, queue, query_labels, queue_label
     `run(backend, query, key, queue, query_labels, queue_labels, k, temperature, seed)` computes
     the summed loss. Works on detached copies of the leaves, so the caller's graph is untouched.
     """
-    leaves = [t.detach().requires_grad_(t.requires_grad) for t in (query, key, queue)]
+    needs = _needs_grad(query, key, queue)
+    leaves = [t.detach().requires_grad_(need) for t, need in zip((query, key, queue), needs)]
     wants_grad = [t for t in leaves if t.requires_grad]
 
     def step():

@@ -61,6 +61,16 @@ def test_new_bucket_or_grad_pattern_is_timed_again(both_available):
     assert len(_backend_choice.chosen_backends()) == 3
 
 
+def test_no_grad_is_its_own_key(both_available):
+    timer = StandInTimer({"cuda": 1.0, "triton": 2.0})
+    _backend_choice.choose(never_run, *inputs(), timer=timer)
+    with torch.no_grad():
+        _backend_choice.choose(never_run, *inputs(), timer=timer)
+        _backend_choice.choose(never_run, *inputs(requires_grad=False), timer=timer)
+    assert len(timer.calls) == 4  # under no_grad a leaf that requires grad gets none
+    assert len(_backend_choice.chosen_backends()) == 2
+
+
 def test_environment_overrides(both_available, monkeypatch):
     timer = StandInTimer({"cuda": 1.0, "triton": 2.0})
     monkeypatch.setenv(_backend_choice.ENV_VAR, "triton")
