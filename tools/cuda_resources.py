@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         text = text.split(marker, 1)[0].rstrip() + "\n\n" + table
         with open(args.write, "w") as f:
             f.write(text)
-    else:
+    elif not args.check:
         print(table, end="")
     spilling = [k for k in kernels if k.spill_stores or k.spill_loads]
     if args.check and spilling:
