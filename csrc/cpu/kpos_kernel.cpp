@@ -53,10 +53,12 @@ struct RowSelection {
 RowSelection select_row(const LabelIndex& label_index, int64_t label, int64_t k, uint32_t seed_k,
                         int64_t row, std::vector<uint32_t>& scratch) {
   const uint32_t rk = row_key(seed_k, row);
-  if (label < 0 || k == 0) return {rk, kThresholdNone, 0};
-  const auto [begin, end] = label_index.range(label);
+  const auto [begin, end] =
+      label >= 0 ? label_index.range(label) : std::pair<int64_t, int64_t>{0, 0};
   const int64_t same_class = end - begin;
-  if (k == -1 || same_class <= k) return {rk, kThresholdAll, same_class};
+  int64_t threshold = kThresholdNone, num_selected = 0;
+  if (trivial_selection(label, k, same_class, &threshold, &num_selected))
+    return {rk, threshold, num_selected};
   scratch.resize(same_class);
   for (int64_t t = 0; t < same_class; ++t)
     scratch[t] = entry_rank(rk, label_index.index[begin + t]);
