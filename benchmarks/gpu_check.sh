@@ -80,7 +80,7 @@ PARALLEL=()
 "$PY" -c "import xdist" >/dev/null 2>&1 && PARALLEL=(-n 4)
 run test_triton 240 "$PY" -m pytest -q -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} \
   tests/test_triton_gpu.py tests/test_triton.py
-run test_gpu_marked 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests \
+run test_gpu_marked 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests \
   --ignore=tests/test_triton.py --ignore=tests/test_triton_gpu.py
 
 COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
