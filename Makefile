@@ -17,8 +17,11 @@ FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
 	t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 DEMO_OUT := runs/demo
+CUDA_BUILD := build-cuda
+CUDA_ARCHS ?= 8.0;9.0
 
-.PHONY: venv build test test-python test-cmake data demo demo-loss clean
+.PHONY: venv build test test-python test-cmake data demo demo-loss clean build-cuda-check \
+	cuda-resources
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -34,7 +37,7 @@ $(BUILD_STAMP): $(STAMP) $(SOURCES)
 	$(PY) -c "import torch, kcl_ext; print('built', kcl_ext._library.LIBRARY_PATH)"
 	mkdir -p build && touch $@
 
-test: test-python test-cmake
+test: test-python test-cmake build-cuda-check
 
 test-python: build
 	$(PY) -m pytest -q tests
@@ -45,6 +48,28 @@ test-cmake: $(STAMP)
 		> $(CMAKE_BUILD).log 2>&1 || (cat $(CMAKE_BUILD).log; exit 1)
 	cmake --build $(CMAKE_BUILD) -j $(JOBS)
 	cd $(CMAKE_BUILD) && ctest --output-on-failure
+
+# --- CUDA build check (no GPU needed) ---------------------------------------------------------
+# Compiles and links the CUDA kernels for $(CUDA_ARCHS) into $(CUDA_BUILD)/, away from the CPU
+# build that the tests load; fails if a kernel spills registers to local memory (ptxas report),
+# or if the library does not load and register CUDA kernels for every op.
+build-cuda-check: $(CUDA_BUILD)/.checked
+$(CUDA_BUILD)/.checked: $(STAMP) $(SOURCES) tools/cuda_resources.py tools/check_cuda_library.py
+	rm -rf $(CUDA_BUILD) && mkdir -p $(CUDA_BUILD)
+	@start=$$(date +%s); \
+	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" KCL_PTXAS_VERBOSE=1 MAX_JOBS=$(JOBS) \
+		$(PY) setup.py build_ext --build-temp $(CUDA_BUILD)/temp --build-lib $(CUDA_BUILD)/lib \
+		> $(CUDA_BUILD)/build.log 2>&1 || { tail -n 60 $(CUDA_BUILD)/build.log; exit 1; }; \
+	echo "CUDA build ($(CUDA_ARCHS)) compiled and linked in $$(( $$(date +%s) - start )) s"
+	sed -n '/kcl_ext build configuration/,/^=====/p' $(CUDA_BUILD)/build.log | tail -n +2
+	$(PY) tools/cuda_resources.py $(CUDA_BUILD)/build.log --check
+	KCL_EXT_LIBRARY="$$(ls $(CUDA_BUILD)/lib/kcl_ext/_C*.so)" PYTHONPATH=$(CURDIR) $(PY) tools/check_cuda_library.py
+	touch $@
+
+# Regenerates docs/cuda_resources.md from the check build's ptxas report.
+cuda-resources: build-cuda-check
+	$(PY) tools/cuda_resources.py $(CUDA_BUILD)/build.log --write docs/cuda_resources.md
+# --- end CUDA build check ----------------------------------------------------------------------
 
 data: $(addprefix $(FMNIST_DIR)/,$(FMNIST_FILES))
 $(addprefix $(FMNIST_DIR)/,$(FMNIST_FILES)):
@@ -71,4 +96,4 @@ demo-loss: build
 	$(PY) -m benchmarks.demo_loss --q 4096 16384 65536
 
 clean:
-	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log *.egg-info kcl_ext/_C*.so
+	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log $(CUDA_BUILD) *.egg-info kcl_ext/_C*.so

@@ -8,15 +8,46 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import site
 import sys
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_cuda_toolkit(path) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")) and \
+        os.path.exists(os.path.join(path, "bin", "nvcc"))
+
+
+def locate_cuda_toolkit():
+    """Points CUDA_HOME at a complete toolkit before torch.utils.cpp_extension reads it.
+
+    torch guesses CUDA_HOME from the `nvcc` on PATH; when that nvcc is a wrapper script (say
+    /usr/local/bin/nvcc) the guess (/usr/local) has no CUDA headers or libraries
+    (include/cuda_runtime.h, lib64/libcudart.so). An explicit, valid CUDA_HOME or CUDA_PATH is
+    always kept.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_cuda_toolkit(os.environ.get(var)):
+            return
+    nvcc = shutil.which("nvcc")
+    candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    if nvcc:
+        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for path in candidates:
+        if _is_cuda_toolkit(path):
+            os.environ["CUDA_HOME"] = path
+            return
+
+
+locate_cuda_toolkit()
+
+import torch  # noqa: E402  (after CUDA_HOME is settled)
+from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,  # noqa: E402
+                                       CUDAExtension)
 
 
 def _rel(paths):

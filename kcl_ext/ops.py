@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import _library  # noqa: F401  (loads the compiled library: torch.ops.kcl.*)
-from . import _validation
+from . import _backend_choice, _validation
 from .reference import kpos_loss_reference
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
@@ -86,14 +86,20 @@ torch.library.register_autograd("kcl::kpos_backward", _kpos_backward_backward)
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, inputs: tuple | None = None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"kpos_loss: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cpu":
             return "cpu"
         if device.type == "cuda":
-            return "cuda"
+            # --- backend="auto" on CUDA: CUDA kernels vs Triton by measured speed -------------
+            # (kcl_ext/_backend_choice.py; `inputs` = the five tensors, k, temperature)
+            if inputs is None:
+                available = _backend_choice.available_backends()
+                return available[0] if available else "cuda"
+            return _backend_choice.choose(_run_for_timing, *inputs)
+            # --- end backend="auto" on CUDA -----------------------------------------------------
         raise ValueError(f"kpos_loss: no kpos_loss backend for device type {device.type!r}")
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(
@@ -124,7 +130,8 @@ def kpos_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
     _validation.check_all(query, key, queue, query_labels, queue_labels, k, temperature, reduction,
                           seed)
     temperature = float(temperature)
-    chosen = _resolve_backend(backend, query.device)
+    chosen = _resolve_backend(backend, query.device,
+                              (query, key, queue, query_labels, queue_labels, k, temperature))
     if chosen == "reference":
         return kpos_loss_reference(query, key, queue, query_labels, queue_labels, k=k,
                                    temperature=temperature, reduction=reduction, seed=seed)
@@ -134,6 +141,12 @@ def kpos_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
                                 temperature=temperature, reduction=reduction, seed=seed)
     return torch.ops.kcl.kpos_loss(query, key, queue, query_labels, queue_labels, k, temperature,
                                    reduction, seed)
+
+
+def _run_for_timing(backend, query, key, queue, query_labels, queue_labels, k, temperature, seed):
+    """The summed loss on an explicit backend: what backend="auto" times."""
+    return kpos_loss(query, key, queue, query_labels, queue_labels, k=k, temperature=temperature,
+                     reduction="sum", seed=seed, backend=backend)
 
 
 def sample_positives(query_labels: torch.Tensor, queue_labels: torch.Tensor, k: int,

@@ -1,5 +1,15 @@
+"""Session set-up shared by the test modules.
+
+Without a GPU, Triton kernels can only run in Triton's interpreter, which must be switched on
+before `triton` is first imported (its own jit helpers, such as tl.max, are decorated then).
+"""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_inputs(n, q, d, *, classes=5, dtype=torch.float32, empty_fraction=0.1, seed=0,

@@ -76,10 +76,12 @@ struct RowSelection {
 RowSelection select_row(const LabelIndex& label_index, int64_t label, int64_t k, uint32_t seed_k,
                         int64_t row, std::vector<uint32_t>& scratch) {
   const uint32_t rk = row_key(seed_k, row);
-  if (label < 0 || k == 0) return {rk, kThresholdNone, 0};
-  const auto [begin, end] = label_index.range(label);
+  const auto [begin, end] =
+      label >= 0 ? label_index.range(label) : std::pair<int64_t, int64_t>{0, 0};
   const int64_t same_class = end - begin;
-  if (k == -1 || same_class <= k) return {rk, kThresholdAll, same_class};
+  int64_t threshold = kThresholdNone, num_selected = 0;
+  if (trivial_selection(label, k, same_class, &threshold, &num_selected))
+    return {rk, threshold, num_selected};
   scratch.resize(same_class);
   for (int64_t t = 0; t < same_class; ++t)
     scratch[t] = entry_rank(rk, label_index.index[begin + t]);
@@ -347,15 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kpos_backward_cpu(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n = query.size(0), q = queue.size(0);
   const auto acc_type = acc_type_of(query.scalar_type());
-  TORCH_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == n,
-                    "kpos_backward: grad_rows must be [N] = [", n, "], got ", grad_rows.sizes());
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == n && lse.scalar_type() == acc_type,
-                    "kpos_backward: lse must be [N] = [", n, "] of dtype ", acc_type, ", got ",
-                    lse.sizes(), " ", lse.scalar_type());
-  TORCH_CHECK_VALUE(selection.dim() == 2 && selection.size(0) == n && selection.size(1) == 3 &&
-                        selection.scalar_type() == at::kLong,
-                    "kpos_backward: selection must be int64 [N, 3] = [", n, ", 3], got ",
-                    selection.sizes(), " ", selection.scalar_type());
+  check_backward_state(grad_rows, lse, selection, n, acc_type);
   const bool need_query_key = output_mask[0] || output_mask[1];
   const bool need_queue = output_mask[2];
   at::Tensor grad_query_acc = at::zeros({n, query.size(1)}, query.options().dtype(acc_type));

@@ -79,6 +79,21 @@ inline void check_inputs(const at::Tensor& query, const at::Tensor& key, const a
   }
 }
 
+// The saved forward state that kpos_backward consumes (any backend).
+inline void check_backward_state(const at::Tensor& grad_rows, const at::Tensor& lse,
+                                 const at::Tensor& selection, int64_t n,
+                                 at::ScalarType acc_type) {
+  TORCH_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == n,
+                    "kpos_backward: grad_rows must be [N] = [", n, "], got ", grad_rows.sizes());
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == n && lse.scalar_type() == acc_type,
+                    "kpos_backward: lse must be [N] = [", n, "] of dtype ", acc_type, ", got ",
+                    lse.sizes(), " ", lse.scalar_type());
+  TORCH_CHECK_VALUE(selection.dim() == 2 && selection.size(0) == n && selection.size(1) == 3 &&
+                        selection.scalar_type() == at::kLong,
+                    "kpos_backward: selection must be int64 [N, 3] = [", n, ", 3], got ",
+                    selection.sizes(), " ", selection.scalar_type());
+}
+
 }  // namespace kcl
 
 #include <ATen/CPUGeneratorImpl.h>

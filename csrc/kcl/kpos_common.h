@@ -61,6 +61,45 @@ KCL_HOST_DEVICE bool is_selected(uint32_t row_k, int64_t threshold, int64_t j) {
   return static_cast<int64_t>(entry_rank(row_k, j)) <= threshold;
 }
 
+// Half-open range [*begin, *end) of `label` in the ascending array
+// sorted_labels[0, size): where the same-class queue entries of a query lie
+// once the queue labels are sorted (a stable sort keeps each class's queue
+// indices ascending). Empty slots (label < 0) sort first and never match a
+// query label >= 0.
+KCL_HOST_DEVICE void label_range(const int64_t* sorted_labels, int64_t size, int64_t label,
+                                 int64_t* begin, int64_t* end) {
+  int64_t lo = 0, hi = size;  // first index with sorted_labels[index] >= label
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (sorted_labels[mid] < label) lo = mid + 1; else hi = mid;
+  }
+  *begin = lo;
+  hi = size;  // first index with sorted_labels[index] > label
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (sorted_labels[mid] <= label) lo = mid + 1; else hi = mid;
+  }
+  *end = lo;
+}
+
+// The selection of one row when it needs no rank statistics: returns true and
+// sets the threshold and |S_i| for k = 0, a negative query label, k = -1 and
+// |M_i| <= k; returns false when the k-th smallest rank of M_i must be found.
+KCL_HOST_DEVICE bool trivial_selection(int64_t label, int64_t k, int64_t same_class,
+                                       int64_t* threshold, int64_t* num_selected) {
+  if (label < 0 || k == 0) {
+    *threshold = kThresholdNone;
+    *num_selected = 0;
+    return true;
+  }
+  if (k == -1 || same_class <= k) {
+    *threshold = kThresholdAll;
+    *num_selected = same_class;
+    return true;
+  }
+  return false;
+}
+
 // Online log-sum-exp state: value = m + log(s). Merging is associative up to
 // rounding; callers merge in a fixed order to stay deterministic.
 template <typename acc_t>
