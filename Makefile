@@ -1,5 +1,6 @@
-# kcl_ext: `make demo` runs the main job, `make test` runs the tests. Both set up everything they
-# need on a fresh machine: the virtual environment (.venv, pinned requirements.txt) and the build.
+# kcl_ext: `make demo` runs the main job, `make test` runs the tests, `make bench` the CPU
+# benchmarks. They set up everything they need on a fresh machine: the virtual environment
+# (.venv, pinned requirements.txt) and the build.
 SHELL := /bin/bash
 PYTHON_SYS ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -na
 CMAKE_BUILD := build-cmake
 JOBS ?= 2
 
-.PHONY: venv build test test-python test-cmake demo clean
+.PHONY: venv build test test-python test-cmake demo bench clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -41,6 +42,12 @@ test-cmake: $(STAMP)
 
 demo: build
 	$(PY) -m benchmarks.demo_loss --q 4096 16384 65536
+
+# The CPU benchmark suite (docs/benchmarks.md): JSON in benchmarks/results/, then the README's
+# benchmark section and the plots rendered from it.
+bench: build
+	$(PY) -m benchmarks.run --device cpu --out benchmarks/results
+	$(PY) -m benchmarks.render
 
 clean:
 	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log *.egg-info kcl_ext/_C*.so

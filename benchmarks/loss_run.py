@@ -58,8 +58,8 @@ def make_step(loss_fn, inputs, mode: str):
     return step
 
 
-def main():
-    cfg = json.loads(sys.stdin.read())
+def measure(cfg: dict) -> dict:
+    """Makes the inputs, measures one call's peak extra memory, then times `repeats` calls."""
     torch.set_num_threads(cfg.get("threads", torch.get_num_threads()))
     from benchmarks.impls import IMPLS
 
@@ -76,21 +76,28 @@ def main():
         gc.collect()
         reset_peak_rss()
         method = "peak reset after one warm-up call"
+        before = current_rss_bytes()
     else:
         method = "first call"
-    before = current_rss_bytes() if method != "first call" else peak_rss_bytes()
+        before = peak_rss_bytes()
     loss = step()
-    peak_extra = peak_rss_bytes() - before
+    # The kernel batches RSS counters per thread, so the difference has a resolution of a few
+    # hundred KiB and can come out slightly negative for a call that allocates next to nothing.
+    peak_extra = max(0, peak_rss_bytes() - before)
     times = []
     for _ in range(cfg.get("repeats", 5)):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"impl": cfg["impl"], "loss": float(loss), "peak_extra_bytes": peak_extra,
-                      "memory_method": method,
-                      "median_s": statistics.median(times) if times else None,
-                      "min_s": min(times) if times else None, "times_s": times,
-                      "threads": torch.get_num_threads()}))
+    return {"impl": cfg["impl"], "loss": float(loss), "peak_extra_bytes": peak_extra,
+            "memory_method": method,
+            "median_s": statistics.median(times) if times else None,
+            "min_s": min(times) if times else None, "times_s": times,
+            "threads": torch.get_num_threads()}
+
+
+def main():
+    print(json.dumps(measure(json.loads(sys.stdin.read()))))
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ import torch
 
 from benchmarks import grid
 from benchmarks.agreement import check_agreement
-from benchmarks.cpu_memory import run_isolated
+from benchmarks import loss_run
+from benchmarks.cpu_memory import run_in_fresh_process
 from benchmarks.impls import IMPLS
 from benchmarks.loss_run import make_inputs, make_step
 from benchmarks.workload import counted_bytes, counted_flops
 
-TARGET_SECONDS = {"cpu": 2.0, "cuda": 0.5}     # timed per point, roughly
-ROUNDS = {"cpu": (3, 20), "cuda": (10, 200)}   # at least, at most
+TARGET_SECONDS = {"cpu": 1.0, "cuda": 0.5}     # timed per point, roughly
+ROUNDS = {"cpu": (3, 10), "cuda": (10, 200)}   # at least, at most
 
 
 def _skip(case, reason: str):
@@ -47,12 +48,12 @@ def _peak_memory(case, device: str, step) -> dict:
         _sync(device)
         return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - before,
                 "memory_method": "torch.cuda.max_memory_allocated over one call"}
-    result = run_isolated("benchmarks.loss_run", {
+    result = run_in_fresh_process(loss_run.measure, {
         "impl": case.impl, "n": case.n, "q": case.q, "d": case.d, "k": case.k,
         "dtype": case.dtype, "mode": case.mode, "classes": case.classes, "repeats": 0,
         "threads": torch.get_num_threads()}, timeout=600)
     return {"peak_extra_bytes": result["peak_extra_bytes"],
-            "memory_method": "fresh process, ru_maxrss, " + result["memory_method"]}
+            "memory_method": "fresh forked process, ru_maxrss, " + result["memory_method"]}
 
 
 def test_kpos_loss(benchmark, case, bench_device, ceilings, measure_memory):
