@@ -53,7 +53,8 @@ def _mib(nbytes) -> str:
 
 
 def _ms(seconds) -> str:
-    return f"{seconds * 1e3:.3g}" if seconds < 10 else f"{seconds * 1e3:.0f}"
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
 def _find(rows, impl, k, mode, **shape):

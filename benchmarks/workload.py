@@ -58,6 +58,15 @@ def measure_ceilings(device: str, dtypes=(torch.float32,)) -> dict:
         b = torch.randn(n, n, device=device).to(dtype)
         seconds = _best_time(lambda: torch.mm(a, b), device, 3 if device == "cpu" else 10)
         result[f"matmul_gflops_{str(dtype).removeprefix('torch.')}"] = 2 * n**3 / seconds / 1e9
+        if device == "cuda" and dtype == torch.float32:
+            # Triton's tl.dot takes float32 through TF32 tensor cores by default: its ceiling too.
+            allowed = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                seconds = _best_time(lambda: torch.mm(a, b), device, 10)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = allowed
+            result["matmul_gflops_tf32"] = 2 * n**3 / seconds / 1e9
         del a, b
     copy_bytes = (256 if device == "cpu" else 2048) * 2**20
     src = torch.ones(copy_bytes // 4, device=device)
