@@ -88,6 +88,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": list(os.getloadavg()),
         "nice": os.nice(0),   # a shared machine: run at a higher priority (nice < 0) to be heard
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__,
         "kcl_ext": kcl_ext.__version__,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -71,6 +71,8 @@ def _machine_line(run) -> str:
         f"{m.get('cpu_model', '?')}, {m.get('torch_threads', '?')} threads")
     load = m.get("load_average_at_start")
     load_text = f", 1-min load average {load[0]:.1f} at start" if load else ""
+    if m.get("omp_wait_policy"):
+        load_text += f", OMP_WAIT_POLICY={m['omp_wait_policy']}"
     dirty = " (with uncommitted changes)" if kcl.get("commit_dirty") else ""
     return (f"{device}; torch {m.get('torch', '?')}; commit `{kcl.get('commit', '?')[:10]}`{dirty}; "
             f"{kcl.get('date_utc', run.get('datetime', '?'))}{load_text}")
