@@ -17,8 +17,6 @@ from benchmarks.impls import IMPLS, SEED, TEMPERATURE
 from benchmarks.loss_run import make_inputs
 from benchmarks.workload import counted_bytes, counted_flops
 
-pytest.importorskip("pytorch_metric_learning")
-
 
 def _inputs(n=12, q=300, d=16, classes=7, dtype=torch.float64, seed=3):
     inputs = make_inputs(n, q, d, dtype, classes=classes, seed=seed)
