@@ -1,6 +1,7 @@
-# kcl_ext: `make demo` runs the main job, `make test` runs the tests. Both set up everything they
-# need on a fresh machine: the virtual environment (.venv, pinned requirements.txt) and the build;
-# `make demo` also the Fashion-MNIST IDX files (`make data`).
+# kcl_ext: `make demo` runs the main job, `make test` runs the tests, `make bench` the CPU
+# benchmarks. They set up everything they need on a fresh machine: the virtual environment
+# (.venv, pinned requirements.txt) and the build; `make demo` also the Fashion-MNIST IDX files
+# (`make data`).
 SHELL := /bin/bash
 PYTHON_SYS ?= python3
 VENV ?= .venv
@@ -21,7 +22,7 @@ CUDA_BUILD := build-cuda
 CUDA_ARCHS ?= 8.0;9.0
 
 .PHONY: venv build test test-python test-cmake data demo demo-loss clean build-cuda-check \
-	cuda-resources
+	cuda-resources bench
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -94,6 +95,12 @@ demo: build data
 # The loss alone: the fused CPU op beside the dense reference at MoCo sizes.
 demo-loss: build
 	$(PY) -m benchmarks.demo_loss --q 4096 16384 65536
+
+# The CPU benchmark suite (docs/benchmarks.md): JSON in benchmarks/results/, then the README's
+# benchmark section and the plots rendered from it.
+bench: build
+	$(PY) -m benchmarks.run --device cpu --out benchmarks/results
+	$(PY) -m benchmarks.render
 
 clean:
 	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log $(CUDA_BUILD) *.egg-info kcl_ext/_C*.so

@@ -317,7 +317,7 @@ void backward_cpu_impl(const at::Tensor& grad_rows, const at::Tensor& scaled_que
   }
 
   if (need_queue) {
-    grad_queue_acc = at::zeros({q, d}, acc_opts);
+    // grad_queue_acc: zeros [Q, D], allocated by the caller.
     at::parallel_for(0, tiles.count, 1, [&](int64_t tile_begin, int64_t tile_end) {
       SingleThreadedBlas single_threaded_blas;
     TileBuffer<acc_t> tile_buffer(acc_type);
@@ -354,7 +354,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kpos_backward_cpu(
   const bool need_queue = output_mask[2];
   at::Tensor grad_query_acc = at::zeros({n, query.size(1)}, query.options().dtype(acc_type));
   at::Tensor grad_key_acc = at::zeros_like(grad_query_acc);
-  at::Tensor grad_queue_acc = at::zeros({q, queue.size(1)}, query.options().dtype(acc_type));
+  // Allocated only when asked for: a [Q, D] buffer would make the extra memory grow with Q.
+  at::Tensor grad_queue_acc =
+      need_queue ? at::zeros({q, queue.size(1)}, query.options().dtype(acc_type)) : at::Tensor();
   if (n > 0 && (need_query_key || need_queue)) {
     const at::Tensor scaled_query = to_acc(query, acc_type).mul(1.0 / temperature);
     const at::Tensor key_acc = to_acc(key, acc_type);

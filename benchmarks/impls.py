@@ -1,0 +1,161 @@
+"""The implementations that the benchmarks compare, behind one interface.
+
+Each `Impl` builds a loss function `fn(query, key, queue, query_labels, queue_labels) -> scalar`
+for one `k`, says on which devices and for which `k` it computes the same problem as kpos_loss,
+and says why it cannot run here (missing GPU, backend or package) instead of failing. The GPU
+implementations (the CUDA and Triton backends, inf-cl) plug in here; nothing else in the suite
+knows about them.
+
+The peers compute a related loss, and `benchmarks/peers.py` maps one onto the other exactly.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+TEMPERATURE = 0.07
+SEED = 1234
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    description: str
+    devices: tuple[str, ...]
+    ks: tuple[int, ...] | None          # the k it solves; None: every k
+    family: str                         # "kcl" (kpos_loss itself) or "peer"
+    build: Callable[[int, str], Callable]   # (k, device) -> loss function
+    needs: Callable[[str], str | None]      # device -> why it cannot run, or None
+    logits_per_row: Callable[[int, int], int]  # (n, q) -> logits each query row computes
+
+    def unavailable(self, device: str) -> str | None:
+        if device not in self.devices:
+            return f"{self.name} does not run on {device}"
+        if device == "cuda" and not torch.cuda.is_available():
+            return "needs a CUDA device"
+        return self.needs(device)
+
+    def supports_k(self, k: int) -> bool:
+        return self.ks is None or k in self.ks
+
+
+def _kcl_logits(n: int, q: int) -> int:
+    return q + 1  # own key + queue
+
+
+# ---------------------------------------------------------------------------------------------
+# kpos_loss itself
+# ---------------------------------------------------------------------------------------------
+def _kcl_backend(backend: str):
+    def build(k: int, device: str):
+        import kcl_ext
+
+        def loss(query, key, queue, query_labels, queue_labels):
+            return kcl_ext.kpos_loss(query, key, queue, query_labels, queue_labels, k=k,
+                                     temperature=TEMPERATURE, seed=SEED, backend=backend)
+        return loss
+    return build
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    import kcl_ext
+    # dynamic=True: one graph for every N and Q, so a sweep over Q compiles once per mode.
+    return torch.compile(kcl_ext.kpos_loss_reference, dynamic=True)
+
+
+def _build_compiled_reference(k: int, device: str):
+    compiled = _compiled_reference()
+
+    def loss(query, key, queue, query_labels, queue_labels):
+        return compiled(query, key, queue, query_labels, queue_labels, k=k,
+                        temperature=TEMPERATURE, seed=SEED)
+    return loss
+
+
+def _needs_nothing(device: str) -> str | None:
+    return None
+
+
+def _needs_kernel(dispatch_key: str):
+    def needs(device: str) -> str | None:
+        import kcl_ext  # noqa: F401  (registers torch.ops.kcl)
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("kcl::kpos_forward", dispatch_key):
+            return f"kcl_ext was built without {dispatch_key} kernels"
+        return None
+    return needs
+
+
+def _needs_triton(device: str) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        importlib.import_module("kcl_ext.triton")
+    except ImportError as error:
+        return f"kcl_ext.triton is not available ({error})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers
+# ---------------------------------------------------------------------------------------------
+def _needs_module(module: str, package: str):
+    def needs(device: str) -> str | None:
+        if importlib.util.find_spec(module) is None:
+            return f"{package} is not installed"
+        return None
+    return needs
+
+
+def _build_pml(k: int, device: str):
+    from pytorch_metric_learning.losses import SupConLoss
+    criterion = SupConLoss(temperature=TEMPERATURE)
+
+    def loss(query, key, queue, query_labels, queue_labels):
+        # How users call it with a memory bank: the queue as reference embeddings. The own key
+        # takes no part (see benchmarks/peers.py for the exact relation to kpos_loss, k=-1).
+        return criterion(query, query_labels, ref_emb=queue, ref_labels=queue_labels)
+    return loss
+
+
+def _build_inf_cl(k: int, device: str):
+    from inf_cl import cal_flash_loss
+
+    def loss(query, key, queue, query_labels, queue_labels):
+        # MoCo's InfoNCE with inf-cl: the keys of the batch and the queue form the columns, row
+        # i's positive is column i (the other keys of the batch are extra negatives). This is
+        # cal_inf_loss's single-process path, with head_dim = D (one head).
+        columns = torch.cat([key, queue])
+        targets = torch.arange(query.size(0), device=query.device)
+        return cal_flash_loss(query, columns, targets, scale=1.0 / TEMPERATURE,
+                              head_dim=query.size(1)).mean()
+    return loss
+
+
+IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
+    Impl("reference", "dense pure-PyTorch kpos_loss (kcl_ext.kpos_loss_reference), eager",
+         ("cpu", "cuda"), None, "kcl", _kcl_backend("reference"), _needs_nothing, _kcl_logits),
+    Impl("reference_compiled", "the same dense reference under torch.compile(dynamic=True)",
+         ("cpu", "cuda"), None, "kcl", _build_compiled_reference, _needs_nothing, _kcl_logits),
+    Impl("fused_cpu", "kcl_ext.kpos_loss(backend='cpu'): the fused C++ CPU op",
+         ("cpu",), None, "kcl", _kcl_backend("cpu"), _needs_kernel("CPU"), _kcl_logits),
+    Impl("cuda", "kcl_ext.kpos_loss(backend='cuda'): the fused CUDA kernels",
+         ("cuda",), None, "kcl", _kcl_backend("cuda"), _needs_kernel("CUDA"), _kcl_logits),
+    Impl("triton", "kcl_ext.kpos_loss(backend='triton'): the fused Triton kernels",
+         ("cuda",), None, "kcl", _kcl_backend("triton"), _needs_triton, _kcl_logits),
+    Impl("pml_supcon", "pytorch-metric-learning SupConLoss, queue as ref_emb (k = -1)",
+         ("cpu", "cuda"), (-1,), "peer", _build_pml,
+         _needs_module("pytorch_metric_learning", "pytorch-metric-learning"),
+         lambda n, q: q),
+    Impl("inf_cl", "inf-cl cal_flash_loss over [keys; queue] (k = 0)",
+         ("cuda",), (0,), "peer", _build_inf_cl, _needs_module("inf_cl", "inf-cl"),
+         lambda n, q: n + q),
+]}
+
+# The fused op of each device: the implementation the others are compared with.
+FUSED = {"cpu": ("fused_cpu",), "cuda": ("cuda", "triton")}

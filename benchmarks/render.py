@@ -1,0 +1,305 @@
+"""Renders the committed benchmark JSON into the README's benchmark section and two plots.
+
+  python -m benchmarks.render [--results benchmarks/results] [--readme README.md]
+
+For each benchmarks/results/<profile>.json: a table of time and peak extra memory against Q per
+implementation, the rates at the headline shape beside the run's ceilings, the fused-to-reference
+and fused-to-peer ratios, the scaling of the fused op in Q, and the plots
+benchmarks/results/<profile>_time_vs_q.png and <profile>_memory_vs_q.png. The README text between
+the two BENCHMARKS markers is replaced; everything else in the README is left as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- BENCHMARKS:BEGIN (python -m benchmarks.render) -->", "<!-- BENCHMARKS:END -->"
+HEADLINE = {"n": 256, "q": 65536, "d": 128, "dtype": "float32"}
+MODES = ("forward", "forward+backward")
+FUSED = ("fused_cpu", "cuda", "triton")
+LABEL = {"fused_cpu": "fused C++ (CPU)", "cuda": "fused CUDA", "triton": "fused Triton",
+         "reference": "reference, eager", "reference_compiled": "reference, torch.compile",
+         "pml_supcon": "PML SupConLoss", "inf_cl": "inf-cl"}
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for bench in data["benchmarks"]:
+        info = dict(bench["extra_info"])
+        info["median_s"] = bench["stats"]["median"]
+        info["iqr_s"] = bench["stats"]["iqr"]
+        info["rounds"] = bench["stats"]["rounds"]
+        rows.append(info)
+    return {"path": path, "rows": rows, "kcl": data.get("kcl", {}),
+            "machine": data.get("machine_info", {}), "datetime": data.get("datetime")}
+
+
+def _key(row) -> tuple:
+    return (row["impl"], row["k"])
+
+
+def _series_name(impl: str, k: int) -> str:
+    return f"{LABEL.get(impl, impl)}, k={k}"
+
+
+def _mib(nbytes) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def _ms(seconds) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def _find(rows, impl, k, mode, **shape):
+    for row in rows:
+        if (row["impl"], row["k"], row["mode"]) == (impl, k, mode) and all(
+                row[name] == value for name, value in shape.items()):
+            return row
+    return None
+
+
+def _machine_line(run) -> str:
+    m, kcl = run["machine"], run["kcl"]
+    device = m.get("gpu") if kcl.get("device") == "cuda" else (
+        f"{m.get('cpu_model', '?')}, {m.get('torch_threads', '?')} threads")
+    load = m.get("load_average_at_start")
+    load_text = f", 1-min load average {load[0]:.1f} at start" if load else ""
+    if m.get("omp_wait_policy"):
+        load_text += f", OMP_WAIT_POLICY={m['omp_wait_policy']}"
+    dirty = " (with uncommitted changes)" if kcl.get("commit_dirty") else ""
+    return (f"{device}; torch {m.get('torch', '?')}; commit `{kcl.get('commit', '?')[:10]}`{dirty}; "
+            f"{kcl.get('date_utc', run.get('datetime', '?'))}{load_text}")
+
+
+def _time_memory_table(run, mode: str) -> list[str]:
+    rows = [r for r in run["rows"] if r["mode"] == mode and r["n"] == HEADLINE["n"]
+            and r["dtype"] == HEADLINE["dtype"]]
+    qs = sorted({r["q"] for r in rows} | {s["q"] for s in run["kcl"].get("skipped", [])
+                                          if s["mode"] == mode and s["n"] == HEADLINE["n"]})
+    series = sorted({_key(r) for r in rows} | {(s["impl"], s["k"]) for s in
+                                               run["kcl"].get("skipped", []) if s["mode"] == mode},
+                    key=lambda key: (key[1] != 6, key[0] not in FUSED, key[0]))
+    lines = [f"**{mode}**, N={HEADLINE['n']}, D={HEADLINE['d']}, {HEADLINE['dtype']}: "
+             "median time in ms / peak extra memory in MiB", "",
+             "| implementation | " + " | ".join(f"Q={q}" for q in qs) + " |",
+             "|---|" + "---|" * len(qs)]
+    for impl, k in series:
+        cells = []
+        for q in qs:
+            row = _find(rows, impl, k, mode, q=q)
+            if row is None:
+                cells.append("skipped")
+            else:
+                cells.append(f"{_ms(row['median_s'])} / {_mib(row.get('peak_extra_bytes'))}")
+        lines.append(f"| {_series_name(impl, k)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _rates_table(run) -> list[str]:
+    ceilings = run["kcl"].get("ceilings", {})
+    lines = [f"Rates at N={HEADLINE['n']}, Q={HEADLINE['q']}, D={HEADLINE['d']}, "
+             f"{HEADLINE['dtype']}, from counted FLOPs and bytes (docs/benchmarks.md); ceilings "
+             f"measured in the same run: matmul {ceilings.get('matmul_gflops_float32', 0):.0f} "
+             f"GFLOP/s ({ceilings.get('matmul_size', '?')}² float32), copy "
+             f"{ceilings.get('copy_gbps', 0):.1f} GB/s.", "",
+             "| implementation | mode | ms | GFLOP/s | % of matmul | GB/s | % of copy | "
+             "checked against | max rel. error |", "|---|---|---|---|---|---|---|---|---|"]
+    shape = {key: HEADLINE[key] for key in ("n", "q", "d", "dtype")}
+    rows = [r for r in run["rows"] if all(r[key] == value for key, value in shape.items())]
+    rows.sort(key=lambda r: (r["mode"], r["k"] != 6, r["impl"] not in FUSED, r["impl"]))
+    for r in rows:
+        error = max(r.get("check_loss_error", 0), r.get("check_grad_error", 0))
+        lines.append(
+            f"| {_series_name(r['impl'], r['k'])} | {r['mode']} | {_ms(r['median_s'])} | "
+            f"{r['gflops']:.1f} | {100 * r.get('fraction_of_matmul_ceiling', 0):.1f} | "
+            f"{r['gbps']:.2f} | {100 * r.get('fraction_of_copy_ceiling', 0):.2f} | "
+            f"{r.get('compared_with', '?')} | {error:.1e} |")
+    return lines
+
+
+def ratios(run) -> list[dict]:
+    """Fused-to-other ratios of time and memory at the headline shape (below 1: fused is better)."""
+    shape = {key: HEADLINE[key] for key in ("n", "q", "d", "dtype")}
+    out = []
+    for mode in MODES:
+        for fused in FUSED:
+            for k, others in ((6, ("reference", "reference_compiled")),
+                              (-1, ("reference", "reference_compiled", "pml_supcon")),
+                              (0, ("inf_cl",))):
+                mine = _find(run["rows"], fused, k, mode, **shape)
+                if mine is None:
+                    continue
+                for other in others:
+                    theirs = _find(run["rows"], other, k, mode, **shape)
+                    if theirs is None:
+                        continue
+                    memory = None
+                    if mine.get("peak_extra_bytes") and theirs.get("peak_extra_bytes"):
+                        memory = mine["peak_extra_bytes"] / theirs["peak_extra_bytes"]
+                    out.append({"mode": mode, "k": k, "fused": fused, "other": other,
+                                "time": mine["median_s"] / theirs["median_s"], "memory": memory})
+    return out
+
+
+def _ratio_lines(run) -> list[str]:
+    found = ratios(run)
+    if not found:
+        return []
+    lines = [f"Fused-to-other ratios at N={HEADLINE['n']}, Q={HEADLINE['q']}, D={HEADLINE['d']}, "
+             f"{HEADLINE['dtype']}, same run (below 1: the fused op takes less):", "",
+             "| fused | compared with | k | mode | time ratio | peak memory ratio |",
+             "|---|---|---|---|---|---|"]
+    for r in found:
+        memory = "n/a" if r["memory"] is None else f"{r['memory']:.3g}"
+        lines.append(f"| {LABEL[r['fused']]} | {LABEL.get(r['other'], r['other'])} | {r['k']} | "
+                     f"{r['mode']} | {r['time']:.3g} | {memory} |")
+    return lines
+
+
+def scaling(run) -> list[dict]:
+    """Per fused series: time and memory at the smallest and largest Q, and the log-log slope."""
+    out = []
+    for fused in FUSED:
+        for k in (6, -1, 0):
+            for mode in MODES:
+                rows = sorted((r for r in run["rows"] if (r["impl"], r["k"], r["mode"]) ==
+                               (fused, k, mode) and r["n"] == HEADLINE["n"]
+                               and r["dtype"] == HEADLINE["dtype"]), key=lambda r: r["q"])
+                if len(rows) < 2:
+                    continue
+                first, last = rows[0], rows[-1]
+                slope = (math.log(last["median_s"] / first["median_s"]) /
+                         math.log(last["q"] / first["q"]))
+                out.append({"impl": fused, "k": k, "mode": mode, "q0": first["q"],
+                            "q1": last["q"], "t0": first["median_s"], "t1": last["median_s"],
+                            "slope": slope, "m0": first.get("peak_extra_bytes"),
+                            "m1": last.get("peak_extra_bytes")})
+    return out
+
+
+def _scaling_lines(run) -> list[str]:
+    found = [s for s in scaling(run) if s["k"] == 6]
+    if not found:
+        return []
+    lines = ["Scaling of the fused op in Q (N=256, D=128, float32, k=6): log-log slope of time "
+             "against Q (1 = linear), and its peak extra memory at both ends.", "",
+             "| fused | mode | Q range | time | slope | peak extra MiB |", "|---|---|---|---|---|---|"]
+    for s in found:
+        lines.append(f"| {LABEL[s['impl']]} | {s['mode']} | {s['q0']}–{s['q1']} | "
+                     f"{_ms(s['t0'])} → {_ms(s['t1'])} ms | {s['slope']:.2f} | "
+                     f"{_mib(s['m0'])} → {_mib(s['m1'])} |")
+    return lines
+
+
+def plot(run, out_prefix: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in run["rows"] if r["n"] == HEADLINE["n"] and r["dtype"] == HEADLINE["dtype"]]
+    files = []
+    for what, value, ylabel in (("time", lambda r: r["median_s"] * 1e3, "median time (ms)"),
+                                ("memory", lambda r: max(r.get("peak_extra_bytes") or 0, 2**10)
+                                 / 2**20, "peak extra memory (MiB)")):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+        for axis, mode in zip(axes, MODES):
+            series = sorted({_key(r) for r in rows if r["mode"] == mode},
+                            key=lambda key: (key[1] != 6, key[0] not in FUSED, key[0]))
+            for impl, k in series:
+                points = sorted((r for r in rows if (r["impl"], r["k"], r["mode"]) ==
+                                 (impl, k, mode)), key=lambda r: r["q"])
+                style = "-" if impl in FUSED else "--"
+                axis.plot([r["q"] for r in points], [value(r) for r in points], style,
+                          marker="o", label=_series_name(impl, k))
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xlabel("queue size Q")
+            axis.set_title(f"{mode}, N={HEADLINE['n']}, D={HEADLINE['d']}, {HEADLINE['dtype']}")
+            axis.grid(True, which="both", alpha=0.3)
+        axes[0].set_ylabel(ylabel)
+        axes[1].legend(fontsize=8)
+        fig.suptitle(f"kpos_loss {what} against Q — {_machine_line(run)}".replace("`", ""),
+                     fontsize=8)
+        fig.tight_layout()
+        path = f"{out_prefix}_{what}_vs_q.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def section(runs, readme_dir: str) -> str:
+    lines = [BEGIN, "", "## Benchmarks", "",
+             "Measured by `make bench` (`python -m benchmarks.run`, a pytest-benchmark suite) and "
+             "rendered from the committed JSON in `benchmarks/results/` by "
+             "`python -m benchmarks.render`. Every point first checks that the implementation "
+             "agrees with its counterpart on the same inputs; how FLOPs, bytes and memory are "
+             "counted, which points a CPU run skips and how the peers map onto kpos_loss is in "
+             "[docs/benchmarks.md](docs/benchmarks.md).", ""]
+    for run in runs:
+        kcl = run["kcl"]
+        rel = os.path.relpath(run["path"], readme_dir)
+        lines += [f"### {kcl.get('device', '?').upper()}: {os.path.basename(run['path'])}", "",
+                  f"Machine: {_machine_line(run)}. Source: [`{rel}`]({rel}).", ""]
+        for mode in MODES:
+            lines += _time_memory_table(run, mode) + [""]
+        skipped = kcl.get("skipped", [])
+        if skipped:
+            reasons = sorted({s["reason"] for s in skipped})
+            lines += ["Skipped points: " + "; ".join(reasons) + ".", ""]
+        lines += _rates_table(run) + [""]
+        lines += _ratio_lines(run) + [""]
+        lines += _scaling_lines(run) + [""]
+        for path in run.get("plots", []):
+            rel_plot = os.path.relpath(path, readme_dir)
+            lines += [f"![{os.path.basename(path)}]({rel_plot})", ""]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: str, text: str):
+    old = open(readme).read() if os.path.exists(readme) else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        new = head + text + tail
+    else:
+        new = old + ("\n" if old and not old.endswith("\n\n") else "") + text
+    with open(readme, "w") as f:
+        f.write(new)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    args = p.parse_args(argv)
+    paths = sorted(glob.glob(os.path.join(args.results, "*.json")),
+                   key=lambda path: (os.path.basename(path) != "cpu.json", path))
+    runs = []
+    for path in paths:
+        run = load(path)
+        if not run["rows"]:
+            continue
+        run["plots"] = plot(run, os.path.splitext(path)[0])
+        runs.append(run)
+    if not runs:
+        raise SystemExit(f"no benchmark results in {args.results}")
+    update_readme(args.readme, section(runs, os.path.dirname(os.path.abspath(args.readme))))
+    for run in runs:
+        for r in ratios(run):
+            print(f"{run['kcl'].get('device')}: {r['fused']} / {r['other']} k={r['k']} "
+                  f"{r['mode']}: time {r['time']:.3g}, memory "
+                  f"{'n/a' if r['memory'] is None else format(r['memory'], '.3g')}")
+    print(f"rendered {len(runs)} result file(s) into {args.readme}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Runs the kpos_loss benchmark suite and writes its JSON: `python -m benchmarks.run --device cpu`.
+
+  python -m benchmarks.run --device cpu  --out benchmarks/results    # make bench (CPU subset)
+  python -m benchmarks.run --device cuda --out DIR                   # the whole GPU grid
+  python -m benchmarks.run --device cuda --profile cuda-quick --out DIR   # a short device slot
+  python -m benchmarks.run --profile smoke --no-memory               # the suite itself, in seconds
+
+The JSON (pytest-benchmark's, plus a "kcl" section with device, commit, date, the ceilings and the
+skipped points) goes to OUT/<profile>.json; `python -m benchmarks.render` turns the committed JSON
+into the README table and the plots. Extra arguments go to pytest (e.g. `-k fused`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--profile", choices=("cpu", "cuda", "cuda-quick", "smoke"), default=None,
+                   help="grid of points (default: the device's; see benchmarks/grid.py)")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
+                   help="folder of the JSON result")
+    p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    args, pytest_args = p.parse_known_args(argv)
+    profile = args.profile or args.device
+    os.makedirs(args.out, exist_ok=True)
+    out_json = os.path.join(os.path.abspath(args.out), f"{profile}.json")
+    command = [
+        os.path.join(ROOT, "benchmarks", "test_bench_kpos.py"),
+        "--rootdir", ROOT, "-p", "no:cacheprovider", "-q", "-rs",
+        "--bench-device", args.device, "--bench-profile", profile,
+        "--benchmark-json", out_json, "--benchmark-sort", "name",
+        "--benchmark-columns", "median,min,max,rounds",
+    ]
+    if args.no_memory:
+        command.append("--bench-no-memory")
+    started = time.perf_counter()
+    code = pytest.main(command + pytest_args)
+    print(f"benchmarks: {profile} on {args.device} took {time.perf_counter() - started:.0f} s; "
+          f"results in {out_json}")
+    return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Counted work of one benchmark call, and the machine's ceilings measured in the same run.
+
+The counting is the problem's, not an implementation's (docs/benchmarks.md): every implementation
+of the same problem is credited the same FLOPs and bytes, so GFLOP/s and GB/s compare them, and
+the ratio to the ceilings shows how far each is from the machine's limits.
+
+  L = logits per query row (kpos_loss: Q + 1, SupConLoss: Q, inf-cl: N + Q)
+  forward FLOPs           = 2 N L D                  (the logits; exp, log and sums not counted)
+  forward+backward FLOPs  = 2 N L D + 2 N L D        (the query gradient: one more N x L x D product)
+  forward bytes           = (N + C) D s + (N + Q) b  (query and the C = L columns' features, once,
+                                                      labels of b bytes each)
+  forward+backward bytes  = 2 x forward bytes + N D s (read again, write the query gradient)
+with s the feature dtype's size. This is the traffic of an ideal two-pass implementation that reads
+each input once per pass and writes nothing of size N x L.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def counted_flops(logits_per_row: int, n: int, d: int, mode: str) -> int:
+    forward = 2 * n * logits_per_row * d
+    return forward if mode == "forward" else 2 * forward
+
+
+def counted_bytes(logits_per_row: int, n: int, q: int, d: int, dtype: torch.dtype, mode: str,
+                  label_bytes: int = 8) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    forward = (n + logits_per_row) * d * size + (n + q) * label_bytes
+    return forward if mode == "forward" else 2 * forward + n * d * size
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best_time(fn, device: str, repeats: int) -> float:
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_ceilings(device: str, dtypes=(torch.float32,)) -> dict:
+    """A large matrix product's rate per dtype and a large copy's bandwidth, best of a few."""
+    n = 2048 if device == "cpu" else 8192
+    result = {"matmul_size": n}
+    for dtype in dtypes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        seconds = _best_time(lambda: torch.mm(a, b), device, 3 if device == "cpu" else 10)
+        result[f"matmul_gflops_{str(dtype).removeprefix('torch.')}"] = 2 * n**3 / seconds / 1e9
+        if device == "cuda" and dtype == torch.float32:
+            # Triton's tl.dot takes float32 through TF32 tensor cores by default: its ceiling too.
+            allowed = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                seconds = _best_time(lambda: torch.mm(a, b), device, 10)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = allowed
+            result["matmul_gflops_tf32"] = 2 * n**3 / seconds / 1e9
+        del a, b
+    copy_bytes = (256 if device == "cpu" else 2048) * 2**20
+    src = torch.ones(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = _best_time(lambda: dst.copy_(src), device, 3 if device == "cpu" else 10)
+    result["copy_bytes"] = copy_bytes
+    result["copy_gbps"] = 2 * copy_bytes / seconds / 1e9   # read + write
+    return result
