@@ -277,7 +277,7 @@ void backward_cpu_impl(const at::Tensor& grad_rows, const at::Tensor& scaled_que
                        double temperature, bool need_query_key, bool need_queue,
                        at::Tensor& grad_query_acc, at::Tensor& grad_key_acc,
                        at::Tensor& grad_queue_acc) {
-  const int64_t n = scaled_query.size(0), q = bank.size(0), d = scaled_query.size(1);
+  const int64_t n = scaled_query.size(0), q = bank.size(0);
   const auto acc_type = scaled_query.scalar_type();
   const auto acc_opts = at::TensorOptions().dtype(acc_type);
   const QueueTiles tiles(klab, q);
