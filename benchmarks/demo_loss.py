@@ -6,8 +6,11 @@ as in MoCo). Each implementation runs in its own process so that its peak memory
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
+import subprocess
 
 import torch
 
@@ -45,8 +48,22 @@ def main(argv=None):
         print(f"{q:>8} {'ratio':>10} {speedup:>9.1f}x {mem:>14.1f}x  (reference / fused)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"n": args.n, "d": args.d, "k": args.k, "grads": args.grads, "rows": rows}, f,
-                      indent=2)
+            json.dump({"benchmark": "kpos_loss forward+backward, fused CPU op vs dense reference",
+                       "machine": f"{platform.processor() or platform.machine()}, "
+                                  f"{os.cpu_count()} cores, torch {torch.__version__}",
+                       "commit": _commit(), "date_utc": datetime.datetime.now(
+                           datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "load_average_1min": os.getloadavg()[0], "dtype": "float32",
+                       "n": args.n, "d": args.d, "k": args.k, "grads": args.grads, "rows": rows},
+                      f, indent=2)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 if __name__ == "__main__":
