@@ -278,7 +278,8 @@ def update_readme(readme: str, text: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"),
+                   help="folder of pytest-benchmark JSON files (its subfolders are not read)")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
     args = p.parse_args(argv)
     paths = sorted(glob.glob(os.path.join(args.results, "*.json")),
