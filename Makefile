@@ -82,14 +82,21 @@ $(addprefix $(FMNIST_DIR)/,$(FMNIST_FILES)):
 	mkdir -p $(FMNIST_DIR)
 	cp $(FMNIST_SYSTEM)/$(@F) $@
 
-# The main job: CE and KCL on Fashion-MNIST-LT through both stages, one table, the plots.
+# The main job: CE and KCL on Fashion-MNIST-LT through both stages, for each of DEMO_SEEDS, one
+# table (per seed, and mean ± std), the per-class plots.
+DEMO_SEEDS ?= 0 1 2
 demo: build data
-	@start=$$(date +%s); \
-	$(PY) -m kcl_ext.train --config configs/fmnist_lt_ce.yaml --out $(DEMO_OUT)/ce && \
-	$(PY) -m kcl_ext.train --config configs/fmnist_lt_kcl.yaml --out $(DEMO_OUT)/kcl && \
-	$(PY) -m kcl_ext.compare "CE=$(DEMO_OUT)/ce/report.json" "KCL=$(DEMO_OUT)/kcl/report.json" \
-		--markdown $(DEMO_OUT)/table.md && \
-	echo "plots: $(DEMO_OUT)/ce/per_class.png $(DEMO_OUT)/kcl/per_class.png" && \
+	@start=$$(date +%s); set -e; ce=; kcl=; \
+	for seed in $(DEMO_SEEDS); do \
+		$(PY) -m kcl_ext.train --config configs/fmnist_lt_ce.yaml --out $(DEMO_OUT)/ce-seed$$seed \
+			--set seed=$$seed; \
+		$(PY) -m kcl_ext.train --config configs/fmnist_lt_kcl.yaml --out $(DEMO_OUT)/kcl-seed$$seed \
+			--set seed=$$seed; \
+		ce=$${ce:+$$ce,}$(DEMO_OUT)/ce-seed$$seed/report.json; \
+		kcl=$${kcl:+$$kcl,}$(DEMO_OUT)/kcl-seed$$seed/report.json; \
+	done; \
+	$(PY) -m kcl_ext.compare "CE=$$ce" "KCL=$$kcl" --markdown $(DEMO_OUT)/table.md; \
+	echo "plots: $(DEMO_OUT)/*/per_class.png; table: $(DEMO_OUT)/table.md"; \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"
 
 # The loss alone: the fused CPU op beside the dense reference at MoCo sizes.

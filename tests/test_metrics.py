@@ -65,3 +65,22 @@ def test_plot_and_json(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["few"] == 50.0
     table = metrics.format_table({"x": r})
     assert "| x | 100.0 | 100.0 | 50.0 | 75.0 |" in table
+
+
+def test_compare_aggregates_seeds(tmp_path, capsys):
+    from kcl_ext import compare
+
+    def report(seed, few, beta):
+        path = tmp_path / f"r{seed}.json"
+        path.write_text(json.dumps({
+            "seed": seed, "many": 80.0, "medium": 60.0 + seed, "few": few, "top1": 70.0,
+            "beta": beta, "sigma": 0.1,
+            "thresholds": {"many": "> 100", "medium": "20..100", "few": "< 20"}}))
+        return str(path)
+
+    paths = [report(0, 10.0, 0.5), report(1, 20.0, 0.7)]
+    out = tmp_path / "table.md"
+    assert compare.main([f"KCL={','.join(paths)}", "--markdown", str(out)]) == 0
+    text = out.read_text()
+    assert "| KCL (seed 0) | 80.0 | 60.0 | 10.0 | 70.0 | 0.500 |" in text
+    assert "| KCL, mean ± std over 2 seeds | 80.0 ± 0.0 | 60.5 ± 0.5 | 15.0 ± 5.0 | 70.0 ± 0.0 | 0.600 ± 0.100 |" in text
