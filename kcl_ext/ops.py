@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import _library  # noqa: F401  (loads the compiled library: torch.ops.kcl.*)
-from . import _backend_choice, _validation
+from . import _autograd, _backend_choice, _validation
 from .reference import kpos_loss_reference
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
@@ -31,14 +31,7 @@ def _kpos_forward_fake(query, key, queue, query_labels, queue_labels, k, tempera
             query.new_empty(n, 3, dtype=torch.int64))
 
 
-@torch.library.register_fake("kcl::kpos_backward")
-def _kpos_backward_fake(grad_rows, query, key, queue, query_labels, queue_labels, lse, selection,
-                        temperature, output_mask):
-    def grad_like(needed, t):
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty(0)
-
-    return (grad_like(output_mask[0], query), grad_like(output_mask[1], key),
-            grad_like(output_mask[2], queue))
+torch.library.register_fake("kcl::kpos_backward")(_autograd.backward_fake)
 
 
 @torch.library.register_fake("kcl::sample_positives")
@@ -52,27 +45,9 @@ def _sample_positives_fake(query_labels, queue_labels, k, seed):
 # ----------------------------------------------------------------------------------------------
 # Autograd of kpos_forward (kpos_loss is composite over it, so it inherits this).
 # ----------------------------------------------------------------------------------------------
-def _kpos_forward_setup_context(ctx, inputs, output):
-    query, key, queue, query_labels, queue_labels, _k, temperature, _seed = inputs
-    _loss_rows, lse, selection = output
-    ctx.save_for_backward(query, key, queue, query_labels, queue_labels, lse, selection)
-    ctx.temperature = temperature
-
-
-def _kpos_forward_backward(ctx, grad_rows, _grad_lse, _grad_selection):
-    query, key, queue, query_labels, queue_labels, lse, selection = ctx.saved_tensors
-    needs = [bool(x) for x in ctx.needs_input_grad[:3]]
-    if grad_rows is None or not any(needs):
-        return (None,) * 8
-    grad_query, grad_key, grad_queue = torch.ops.kcl.kpos_backward(
-        grad_rows, query, key, queue, query_labels, queue_labels, lse, selection,
-        ctx.temperature, needs)
-    return (grad_query if needs[0] else None, grad_key if needs[1] else None,
-            grad_queue if needs[2] else None, None, None, None, None, None)
-
-
-torch.library.register_autograd("kcl::kpos_forward", _kpos_forward_backward,
-                                setup_context=_kpos_forward_setup_context)
+# Inputs: query, key, queue, query_labels, queue_labels, k, temperature, seed.
+_autograd.register_forward_autograd("kcl::kpos_forward", torch.ops.kcl.kpos_backward,
+                                   temperature_index=6)
 
 
 def _kpos_backward_backward(ctx, *grads):

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import _validation
+from .. import _autograd, _validation
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -625,38 +625,12 @@ else:
         return (query.new_empty(n, dtype=acc), query.new_empty(n, dtype=acc),
                 query.new_empty((n, 3), dtype=torch.int64))
 
-    @torch.library.register_fake(BACKWARD_OP)
-    def _kpos_backward_fake(grad_rows, query, key, queue, query_labels, queue_labels, lse,
-                            selection, temperature, output_mask):
-        def grad_like(needed, t):
-            if not needed:
-                return t.new_empty(0)
-            return torch.empty_like(t, memory_format=torch.contiguous_format)
-
-        return (grad_like(output_mask[0], query), grad_like(output_mask[1], key),
-                grad_like(output_mask[2], queue))
+    torch.library.register_fake(BACKWARD_OP)(_autograd.backward_fake)
 
 
-def _forward_setup_context(ctx, inputs, output):
-    query, key, queue, query_labels, queue_labels, _seed, _k, temperature = inputs
-    _loss_rows, lse, selection = output
-    ctx.save_for_backward(query, key, queue, query_labels, queue_labels, lse, selection)
-    ctx.temperature = temperature
-
-
-def _forward_backward(ctx, grad_rows, _grad_lse, _grad_selection):
-    query, key, queue, query_labels, queue_labels, lse, selection = ctx.saved_tensors
-    needs = [bool(x) for x in ctx.needs_input_grad[:3]]
-    if grad_rows is None or not any(needs):
-        return (None,) * 8
-    grad_query, grad_key, grad_queue = torch.ops.kcl.kpos_backward_triton(
-        grad_rows, query, key, queue, query_labels, queue_labels, lse, selection, ctx.temperature,
-        needs)
-    return (grad_query if needs[0] else None, grad_key if needs[1] else None,
-            grad_queue if needs[2] else None, None, None, None, None, None)
-
-
-torch.library.register_autograd(FORWARD_OP, _forward_backward, setup_context=_forward_setup_context)
+# Inputs: query, key, queue, query_labels, queue_labels, seed, k, temperature.
+_autograd.register_forward_autograd(FORWARD_OP, torch.ops.kcl.kpos_backward_triton,
+                                   temperature_index=7)
 
 
 # ----------------------------------------------------------------------------------------------
