@@ -10,11 +10,11 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 
 import torch
 
 from benchmarks.cpu_memory import run_isolated
+from benchmarks.provenance import git_commit
 
 
 def main(argv=None):
@@ -51,19 +51,12 @@ def main(argv=None):
             json.dump({"benchmark": "kpos_loss forward+backward, fused CPU op vs dense reference",
                        "machine": f"{platform.processor() or platform.machine()}, "
                                   f"{os.cpu_count()} cores, torch {torch.__version__}",
-                       "commit": _commit(), "date_utc": datetime.datetime.now(
+                       "commit": git_commit(), "date_utc": datetime.datetime.now(
                            datetime.timezone.utc).isoformat(timespec="seconds"),
                        "load_average_1min": os.getloadavg()[0], "dtype": "float32",
                        "n": args.n, "d": args.d, "k": args.k, "grads": args.grads, "rows": rows},
                       f, indent=2)
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

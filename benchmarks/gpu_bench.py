@@ -25,13 +25,13 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import time
 from typing import Callable, Dict
 
 import torch
 
 import kcl_ext
+from benchmarks.provenance import git_commit
 
 # Agreement with the eager reference before timing: (atol, rtol) per dtype, as in
 # tests/test_triton.py.
@@ -128,13 +128,6 @@ def peak_extra_bytes(impl, inputs, args, cuda: bool):
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - baseline
 
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None):
