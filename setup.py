@@ -78,6 +78,7 @@ def build_config():
     debug = os.environ.get("KCL_DEBUG", "0") == "1"
 
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += openmp_flags()
     extra = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
@@ -117,6 +118,15 @@ def build_config():
     )
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp where torch runs its threads on OpenMP (Linux builds): at::parallel_for is a header
+    template whose OpenMP region is only compiled in with it; without it the CPU kernels run on
+    one thread. Nothing is linked: the OpenMP runtime is the one libtorch_cpu already loads."""
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        return ["-fopenmp"]
+    return []
+
+
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
@@ -126,6 +136,7 @@ def _has_triton() -> bool:
 
 
 setup(
+    license="MIT",  # here rather than in pyproject.toml: see its comment on `dynamic`
     packages=find_packages(include=["kcl_ext", "kcl_ext.*"]),
     ext_modules=[build_config()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "kcl/kpos_common.h"
+#include "kcl/signatures.h"
+#include "kcl/tile_engine_choice.h"
 
 namespace {
 
@@ -75,16 +77,16 @@ int main(int argc, char** argv) {
                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, const at::Tensor&, int64_t, double,
                                        c10::string_view, std::optional<int64_t>)>();
+  // The schemas of csrc/ops.cpp (csrc/kcl/signatures.h).
   auto forward_op = dispatcher.findSchemaOrThrow("kcl::kpos_forward", "")
-                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&, int64_t, double,
-                            std::optional<int64_t>)>();
+                        .typed<kcl::KposForwardSignature>();
   auto backward_op = dispatcher.findSchemaOrThrow("kcl::kpos_backward", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                         .typed<kcl::KposBackwardResult(
                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, double, std::array<bool, 3>)>();
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, int64_t, double,
+                             std::array<bool, 3>)>();
   auto sample_op = dispatcher.findSchemaOrThrow("kcl::sample_positives", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
 
@@ -120,9 +122,10 @@ int main(int argc, char** argv) {
     auto grad_rows = torch::rand({n}, torch::kDouble) + 0.5;
     auto dense = dense_loss_rows(qv, kv, bv, klab, sel, tau);
     auto grads = torch::autograd::grad({dense}, {qv, kv, bv}, {grad_rows});
-    auto fwd = forward_op.call(query, key, queue, qlab, klab, k, tau, seed);
+    auto fwd = forward_op.call(query, key, queue, qlab, klab, k, tau, seed, /*query_grad=*/true);
     auto bwd = backward_op.call(grad_rows, query, key, queue, qlab, klab, std::get<1>(fwd),
-                                std::get<2>(fwd), tau, {true, true, true});
+                                std::get<2>(fwd), std::get<3>(fwd), std::get<4>(fwd),
+                                std::get<5>(fwd), k, tau, {true, true, true});
     expect(rel_err(std::get<0>(bwd), grads[0]) < 1e-10, tag + "grad query matches autograd");
     expect(rel_err(std::get<1>(bwd), grads[1]) < 1e-10, tag + "grad key matches autograd");
     expect(rel_err(std::get<2>(bwd), grads[2]) < 1e-10, tag + "grad queue matches autograd");
@@ -140,6 +143,24 @@ int main(int argc, char** argv) {
   }
   expect(threw, "a queue of the wrong width raises an error naming queue");
 
-  std::printf("%d passed, %d failed\n", 4 * 6 + 1 - failures, failures);
+  // The CUDA kernels' engine choice (pure, no GPU needed): the tensor-core kernel's dynamic plus
+  // static shared memory must fit the device's opt-in limit per block.
+  {
+    using namespace kcl::tiles;
+    constexpr size_t sm80 = 166912, sm86 = 101376, sm90 = 232448;  // sharedMemPerBlockOptin
+    expect(kTileStaticSmemBytes == 512 && mma_smem_bytes(128) == 52224 &&
+               mma_smem_bytes(240) == 95232 && mma_smem_bytes(256) == 101376,
+           "tensor-core shared memory: 512 static, 51 KiB dynamic at D = 128, 99 KiB at D = 256");
+    expect(tensor_cores_usable(256, 8, sm80) && tensor_cores_usable(256, 9, sm90) &&
+               tensor_cores_usable(1, 8, sm86) && tensor_cores_usable(240, 8, sm86),
+           "tensor cores up to D = 256 on sm_80 / sm_90, up to D = 240 on sm_86 / sm_89");
+    expect(!tensor_cores_usable(241, 8, sm86) && !tensor_cores_usable(256, 8, sm86),
+           "sm_86 / sm_89 with 240 < D <= 256 take the FMA engine (99 KiB + 512 B do not fit)");
+    expect(!tensor_cores_usable(257, 9, sm90) && !tensor_cores_usable(0, 9, sm90) &&
+               !tensor_cores_usable(128, 7, 1 << 20),
+           "no tensor cores for D > 256, D = 0 or before sm_80");
+  }
+
+  std::printf("%d passed, %d failed\n", 4 * 6 + 1 + 4 - failures, failures);
   return failures == 0 ? 0 : 1;
 }
