@@ -1,6 +1,8 @@
 """The ptxas resource report of the CUDA kernels: parse a build log made with `-Xptxas -v`.
 
-    python tools/cuda_resources.py BUILD_LOG --check             # fail if any kernel spills
+    python tools/cuda_resources.py BUILD_LOG --check             # fail if any kernel spills, or a
+                                                                 # tile kernel's static shared memory
+                                                                 # exceeds kTileStaticSmemBytes
     python tools/cuda_resources.py BUILD_LOG --write docs/cuda_resources.md
 
 `make cuda-resources` rebuilds with KCL_PTXAS_VERBOSE=1 and regenerates the document;
@@ -53,7 +55,26 @@ def short_name(demangled: str) -> str:
         name = name.replace(prefix, "")
     # Drop the scalar type that repeats the engine's: Kernel<Engine<T>, T> -> Kernel<Engine<T>>.
     name = re.sub(r"<(\w+Engine<(\w+)>), \2>", r"<\1>", name)
-    return name
+    # A policy's template arguments repeat the engine's: tile_kernel<Engine<T>, Policy<T, ...>>
+    # -> tile_kernel<Engine<T>, Policy>.
+    name = re.sub(r"(\w+Policy)<[^<>]*>", r"\1", name)
+    return name.replace(" >", ">")
+
+
+def tile_static_smem_limit() -> int:
+    """tiles::kTileStaticSmemBytes of csrc/kcl/tile_engine_choice.h: the static shared memory that
+    the engine choice (tensor_cores_usable) counts for a tile kernel, as
+    kMaxColumnVectors * kMmaTileRows * sizeof(float)."""
+    import os
+    header = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "csrc", "kcl",
+                          "tile_engine_choice.h")
+    with open(header) as f:
+        text = f.read()
+    value = {name: int(re.search(rf"constexpr \w+ {name} = (\d+);", text).group(1))
+             for name in ("kMaxColumnVectors", "kMmaTileRows")}
+    assert "kTileStaticSmemBytes = kMaxColumnVectors * kMmaTileRows * sizeof(float);" in text, \
+        "tools/cuda_resources.py: update tile_static_smem_limit() to the header's formula"
+    return value["kMaxColumnVectors"] * value["kMmaTileRows"] * 4
 
 
 def parse(log: str) -> list[Kernel]:
@@ -158,7 +179,17 @@ def main(argv=None) -> int:
                   f"{k.spill_loads} bytes loaded", file=sys.stderr)
         return 1
     if args.check:
-        print(f"cuda_resources: {len(kernels)} kernels, none spills")
+        limit = tile_static_smem_limit()
+        too_big = [k for k in kernels if k.name.startswith("tile_kernel<") and k.smem > limit]
+        for k in too_big:
+            print(f"cuda_resources: {k.name} ({k.arch}) has {k.smem} bytes of static shared memory, "
+                  f"more than the {limit} that tensor_cores_usable counts "
+                  "(kTileStaticSmemBytes, csrc/kcl/tile_engine_choice.h)", file=sys.stderr)
+        if too_big:
+            return 1
+        tiles = [k.smem for k in kernels if k.name.startswith("tile_kernel<")]
+        print(f"cuda_resources: {len(kernels)} kernels, none spills; tile kernels' static shared "
+              f"memory at most {max(tiles, default=0)} bytes (limit {limit})")
     return 0
 
 

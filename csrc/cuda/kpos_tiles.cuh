@@ -1,363 +1,396 @@
-// Tile engines of the kpos_loss CUDA kernels: how a thread block computes one
-// tile of logits and the two gradient products.
+// Tile engines of the kpos_loss CUDA kernels: how a block of 4 warps computes, for its 64
+// resident rows (16 per warp) and one tile of streamed rows,
 //
-//   logits_tile   S[BM][BN]  = Qblk[BM][D] . QueueTile[BN][D]^T  (raw dot products, fp32/fp64)
-//   mma_dq        C[BM][DV] += G[BM][BN] . V[BN][DV]           (V: queue rows, a D slice)
-//   mma_dqueue    C[BN][DV] += G[BM][BN]^T . V[BM][DV]         (V: query rows, a D slice)
+//   scores      S[64][BN]  = Resident[64][D] . Tile[BN][D]^T      (fp32, or fp64 for double)
+//   accumulate  O[64][DV] += P[64][BN] . Tile[BN][d0 : d0 + DV]      (P computed from S)
 //
-// Two engines share that interface (and say how many threads a block has, kThreads), so the
-// kernels in kpos_kernel.cu are written once:
+// The resident rows are queries and the tiles queue entries in the forward (FlashAttention's
+// forward with the queue as keys and values); in the backward of the queue they swap roles.
 //
-// * WmmaEngine (float16 / bfloat16 on sm_80+): tensor-core m16n16k16 products through
-//   nvcuda::wmma with fp32 accumulators. The gradient tile G is rounded to the input
-//   dtype before it is multiplied (as flash-attention does with its probabilities); the
-//   sums stay in fp32.
-// * SimtEngine (float32, float64, and float16 / bfloat16 on older GPUs): register-tiled
-//   FMA in the accumulation dtype. float32 deliberately does not use TF32 tensor cores:
-//   TF32 keeps 10 mantissa bits, and logits divided by tau = 0.07 would then be off by
-//   ~1e-2, far outside float32's tolerance against the reference (and against
-//   torch.matmul, which defaults to allow_tf32=False). float64 uses plain FMA, for gradcheck.
+// Both engines hold S, P and O in the register layout of the m16n8 accumulator of mma.sync:
+// lane (g = lane / 4, t = lane % 4) of warp w owns rows 16 w + g and 16 w + g + 8, columns
+// 8 n + 2 t and 8 n + 2 t + 1 of every 8-column block n, as x[n][0..1] (row g) and x[n][2..3]
+// (row g + 8). So the code that turns scores into probabilities (kpos_kernel.cu) is written once.
 //
-// Every tile is padded with zeros outside [0, N) x [0, Q) x [0, D), so any shape and any
-// strides are valid; callers mask padded rows and columns out of the results.
+// * MmaEngine (float16 / bfloat16, sm_80+, D <= 256): the resident rows and two tiles (double
+//   buffered) live in shared memory with their whole D, loaded with 16-byte cp.async; ldmatrix
+//   feeds mma.sync.m16n8k16 with fp32 accumulators. P goes from the score registers straight into
+//   the A operand of the second product (rounded to the input dtype, as FlashAttention does), and
+//   the same tile in shared memory is the B operand of both products.
+// * SimtEngine (float32, float64; float16 / bfloat16 where tensor cores cannot be used): FMA in the
+//   accumulation dtype over D chunks of KC columns; P goes through shared memory. float32 does not
+//   use TF32: 10 mantissa bits would put logits divided by tau = 0.07 about 1e-2 off.
+//
+// Rows outside [0, rows) and columns outside [0, D) read as zeros, so any shape is valid.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
+#include <cstdint>
 #include <type_traits>
+
+#include "kcl/tile_engine_choice.h"
 
 namespace kcl {
 namespace cuda {
 
+constexpr int kThreads = 128;  // 4 warps, 16 resident rows each
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlockRows = 16 * kWarps;
+constexpr uint32_t kFullMask = 0xFFFFFFFFu;
+static_assert(kBlockRows == tiles::kBlockRows, "kcl/tile_engine_choice.h: resident rows per block");
+
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// A 2-D strided view of a feature tensor (query, key or queue).
 template <typename scalar_t>
-struct Matrix {
-  const scalar_t* data;
-  int64_t rows, cols;
-  int64_t row_stride, col_stride;
+__device__ __forceinline__ acc_type_t<scalar_t> to_acc(scalar_t x) {
+  return static_cast<acc_type_t<scalar_t>>(x);
+}
 
-  __device__ __forceinline__ bool contains(int64_t r, int64_t c) const {
-    return r < rows && c < cols;
-  }
+// A 2-D strided view of a feature tensor. `vec16`: rows may be copied in 16-byte pieces (unit
+// column stride, 16-byte aligned base and row stride), which cp.async needs.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* data;
+  int64_t rows, cols, row_stride, col_stride;
+  bool vec16;
+
   __device__ __forceinline__ scalar_t at(int64_t r, int64_t c) const {
     return data[r * row_stride + c * col_stride];
   }
 };
 
 // ---------------------------------------------------------------------------------------------
-// SIMT engine: register tiles in the accumulation dtype. Thread t owns rows ty + 8 a and
-// columns tx + 16 b of each output tile (ty = t / 16, tx = t % 16); the odd row pitch of the
-// shared tiles keeps the column reads free of bank conflicts.
+// cp.async (sm_80+); older GPUs copy synchronously, which the same wait/commit calls then order.
+// ---------------------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define KCL_SM80 1
+#else
+#define KCL_SM80 0
+#endif
+
+// Copies src_bytes (0..16) bytes from global memory and zero-fills the rest of the 16 bytes.
+__device__ __forceinline__ void copy16_async(void* smem_dst, const void* global_src, int src_bytes) {
+#if KCL_SM80
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global_src),
+               "r"(src_bytes)
+               : "memory");
+#else
+  auto* d = static_cast<uint16_t*>(smem_dst);
+  const auto* s = static_cast<const uint16_t*>(global_src);
+  for (int e = 0; e < 8; ++e) d[e] = 2 * e < src_bytes ? s[e] : uint16_t(0);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if KCL_SM80
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most `kPending` of this thread's most recent groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if KCL_SM80
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Rows [row0, row0 + nrows) x columns [col0, col0 + width) of `src` into `dst` (row pitch
+// `pitch` elements), zeros outside `src`. width and pitch are multiples of 16 bytes. Strided or
+// unaligned sources are copied element by element into the same layout.
+template <typename scalar_t>
+__device__ __forceinline__ void load_rows(scalar_t* dst, int pitch, const Rows<scalar_t>& src,
+                                          int64_t row0, int nrows, int64_t col0, int width) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int pieces_per_row = width / kVec;
+  for (int piece = threadIdx.x; piece < nrows * pieces_per_row; piece += kThreads) {
+    const int r = piece / pieces_per_row;
+    const int c = (piece - r * pieces_per_row) * kVec;
+    const int64_t row = row0 + r, col = col0 + c;
+    int64_t valid = row < src.rows ? src.cols - col : 0;
+    valid = valid < 0 ? 0 : (valid > kVec ? kVec : valid);
+    scalar_t* d = dst + r * pitch + c;
+    if (src.vec16) {
+      const scalar_t* s = valid > 0 ? src.data + row * src.row_stride + col : src.data;
+      copy16_async(d, s, static_cast<int>(valid * sizeof(scalar_t)));
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) d[e] = e < valid ? src.at(row, col + e) : scalar_t(0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core engine
+// ---------------------------------------------------------------------------------------------
+// D[16x8] += A[16x16] . B[16x8] with fp32 accumulators; `type` is the PTX name of the inputs.
+#if KCL_SM80
+#define KCL_MMA_M16N8K16(type, c, a, b0, b1)                                                    \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." type "." type                          \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                   \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+#else
+#define KCL_MMA_M16N8K16(type, c, a, b0, b1) __trap()
+#endif
+
+template <typename scalar_t>
+struct MmaTraits {
+  static constexpr bool kHalf = std::is_same_v<scalar_t, at::Half>;
+  static_assert(kHalf || std::is_same_v<scalar_t, at::BFloat16>, "tensor cores: float16 or bfloat16");
+
+  // Two floats rounded to the input dtype, the lower column in the low half.
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    uint32_t bits;
+    if constexpr (kHalf) {
+      const __half2 h = __floats2half2_rn(lo, hi);
+      memcpy(&bits, &h, sizeof(bits));
+    } else {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+      memcpy(&bits, &h, sizeof(bits));
+    }
+    return bits;
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    if constexpr (kHalf) {
+      KCL_MMA_M16N8K16("f16", c, a, b0, b1);
+    } else {
+      KCL_MMA_M16N8K16("bf16", c, a, b0, b1);
+    }
+  }
+};
+
+// Four 8 x 8 matrices of 16-bit elements; lanes 8 m .. 8 m + 7 give the row addresses of
+// matrix m. Plain: lane (g, t) receives row g, columns 2t, 2t+1 of matrix m in register m;
+// transposed: rows 2t, 2t+1 of column g.
+#define KCL_LDMATRIX_X4(variant, r, address)                                                   \
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4" variant ".shared.b16 {%0,%1,%2,%3}, [%4];\n"   \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                               \
+               : "r"(address)                                                                \
+               : "memory")
+
+template <bool kTransposed>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
+#if KCL_SM80
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
+  if constexpr (kTransposed) {
+    KCL_LDMATRIX_X4(".trans", r, a);
+  } else {
+    KCL_LDMATRIX_X4("", r, a);
+  }
+#else
+  __trap();
+#endif
+}
+
+template <typename scalar_t>
+struct MmaEngine {
+  using acc_t = float;
+  static constexpr int NT = 8;   // BN = 64 streamed rows per tile
+  static constexpr int NV = 16;  // DV = 128 columns of O per block
+  static constexpr int BN = 8 * NT, DV = 8 * NV;
+  static constexpr int64_t kMaxD = tiles::kMmaMaxD;
+  static constexpr int kPad = tiles::kMmaPad;  // 16 bytes: ldmatrix rows of consecutive tile rows hit distinct banks
+  // Shared memory as kcl/tile_engine_choice.h computes it for tensor_cores_usable.
+  static_assert(BN == tiles::kMmaTileRows && sizeof(scalar_t) == tiles::kMmaElementBytes,
+                "kcl/tile_engine_choice.h must describe MmaEngine");
+
+  static size_t smem_bytes(int64_t d) { return tiles::mma_smem_bytes(d); }
+
+  scalar_t* resident;
+  scalar_t* tiles;  // two buffers of BN rows
+  int dp, pitch;
+  int64_t d;
+
+  __device__ MmaEngine(unsigned char* smem, int64_t d_)
+      : dp(static_cast<int>((d_ + 15) / 16 * 16)), pitch(dp + kPad), d(d_) {
+    resident = reinterpret_cast<scalar_t*>(smem);
+    tiles = resident + kBlockRows * pitch;
+  }
+  __device__ __forceinline__ scalar_t* tile(int64_t index) { return tiles + (index & 1) * BN * pitch; }
+
+  // Starts the copies of the resident rows and the first tile (one cp.async group).
+  __device__ void prologue(const Rows<scalar_t>& resident_rows, int64_t row0,
+                           const Rows<scalar_t>& streamed, int64_t tile_row0) {
+    load_rows(resident, pitch, resident_rows, row0, kBlockRows, 0, dp);
+    load_rows(tile(0), pitch, streamed, tile_row0, BN, 0, dp);
+    cp_async_commit();
+  }
+  // Starts the copy of tile `index` (relative to the block's first) into the other buffer; the
+  // caller commits one group per tile, even an empty one, so that wait<1> below is exact.
+  __device__ void prefetch(const Rows<scalar_t>& streamed, int64_t tile_row0, int64_t index) {
+    load_rows(tile(index), pitch, streamed, tile_row0, BN, 0, dp);
+  }
+
+  // Begins with a block barrier (after which tile `index` and everything stored to shared
+  // memory before it are visible to every thread).
+  __device__ void scores(float (&s)[NT][4], const Rows<scalar_t>&, int64_t,
+                         const Rows<scalar_t>&, int64_t, int64_t index) {
+    cp_async_wait<1>();
+    __syncthreads();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    // A (rows of this warp, row-major): matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15).
+    const scalar_t* a_row = resident + (16 * warp + lane % 16) * pitch + 8 * (lane / 16);
+    // B (tile rows are the n index, k contiguous): matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
+    // (n 8-15, k 0-7), (n 8-15, k 8-15) of each 16-row pair of 8-column blocks.
+    const scalar_t* b_row = tile(index) + (lane % 8 + 8 * (lane / 16)) * pitch + 8 * ((lane / 8) % 2);
+    for (int k0 = 0; k0 < dp; k0 += 16) {
+      uint32_t a[4];
+      ldmatrix_x4<false>(a, a_row + k0);
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4<false>(b, b_row + 16 * np * pitch + k0);
+        MmaTraits<scalar_t>::mma(s[2 * np], a, b[0], b[1]);
+        MmaTraits<scalar_t>::mma(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+  }
+
+  // O += P . tile[:, d0 : d0 + DV]; 8-column blocks at or beyond D are skipped.
+  __device__ void accumulate(float (&o)[NV][4], const float (&p)[NT][4], const Rows<scalar_t>&,
+                             int64_t, int64_t index, int64_t d0) {
+    const int lane = threadIdx.x % 32;
+    // The accumulator layout of P is the A-operand layout of 16 x 16 blocks of P.
+    uint32_t pa[NT / 2][4];
+#pragma unroll
+    for (int kb = 0; kb < NT / 2; ++kb) {
+      pa[kb][0] = MmaTraits<scalar_t>::pack(p[2 * kb][0], p[2 * kb][1]);
+      pa[kb][1] = MmaTraits<scalar_t>::pack(p[2 * kb][2], p[2 * kb][3]);
+      pa[kb][2] = MmaTraits<scalar_t>::pack(p[2 * kb + 1][0], p[2 * kb + 1][1]);
+      pa[kb][3] = MmaTraits<scalar_t>::pack(p[2 * kb + 1][2], p[2 * kb + 1][3]);
+    }
+    // B (tile rows are the k index, columns of D the n index), transposed: matrices
+    // (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
+    const scalar_t* v_row = tile(index) + (lane % 8 + 8 * ((lane / 8) % 2)) * pitch + d0 + 8 * (lane / 16);
+#pragma unroll
+    for (int np = 0; np < NV / 2; ++np) {
+      if (d0 + 16 * np < d) {
+#pragma unroll
+        for (int kb = 0; kb < NT / 2; ++kb) {
+          uint32_t b[4];
+          ldmatrix_x4<true>(b, v_row + 16 * kb * pitch + 16 * np);
+          MmaTraits<scalar_t>::mma(o[2 * np], pa[kb], b[0], b[1]);
+          MmaTraits<scalar_t>::mma(o[2 * np + 1], pa[kb], b[2], b[3]);
+        }
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// SIMT engine
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
 struct SimtEngine {
-  static constexpr int kThreads = 128;  // a 8 x 16 grid of threads
   using acc_t = acc_type_t<scalar_t>;
-  using smem_t = acc_t;  // element type of the shared tiles
   static constexpr bool kDouble = std::is_same_v<acc_t, double>;
-  static constexpr int BM = kDouble ? 32 : 64;  // query rows per tile
-  static constexpr int BN = 64;                 // queue entries per tile
-  static constexpr int KC = kDouble ? 8 : 16;   // D chunk of the logits product
-  static constexpr int DV = kDouble ? 32 : 64;  // D slice of a gradient tile
-  static constexpr int VR = BM > BN ? BM : BN;  // rows of the V tile
+  static constexpr int NT = kDouble ? 4 : 8;  // BN = 32 | 64
+  static constexpr int NV = kDouble ? 4 : 8;  // DV = 32 | 64
+  static constexpr int BN = 8 * NT, DV = 8 * NV;
+  static constexpr int kVec = 16 / sizeof(scalar_t);
+  static constexpr int KC = kDouble ? 16 : 32;  // D columns per chunk of the scores
+  static constexpr int kChunkPitch = KC + kVec, kValuePitch = DV + kVec, kProbPitch = BN + 1;
+  static constexpr int kChunkElems = (kBlockRows + BN) * kChunkPitch;
+  static constexpr int kValueElems = BN * kValuePitch;
+  static constexpr int kUnionElems = kChunkElems > kValueElems ? kChunkElems : kValueElems;
+  static constexpr size_t kUnionBytes = (kUnionElems * sizeof(scalar_t) + 15) / 16 * 16;
+  static_assert(kChunkPitch * sizeof(scalar_t) % 16 == 0 && kValuePitch * sizeof(scalar_t) % 16 == 0,
+                "cp.async destinations must stay 16-byte aligned");
 
-  struct Smem {
-    union {
-      struct {
-        acc_t a[BM][KC + 1];
-        acc_t b[BN][KC + 1];
-      } chunk;
-      acc_t v[VR][DV + 1];
-    } u;
-    acc_t s[BM][BN + 1];  // logits, then G in place
-  };
+  static size_t smem_bytes(int64_t) {
+    return kUnionBytes + sizeof(acc_t) * kWarps * 16 * kProbPitch;
+  }
 
-  // Output accumulators of the two gradient products.
-  struct AccDq {
-    acc_t c[BM / 8][DV / 16];
-  };
-  struct AccDqueue {
-    acc_t c[BN / 8][DV / 16];
-  };
+  scalar_t* chunk_a;  // resident rows x KC     } one region: the chunks while scoring,
+  scalar_t* chunk_b;  // tile rows x KC         }   the value tile while accumulating
+  scalar_t* values;   // tile rows x DV         }
+  acc_t* probs;       // per warp: 16 x BN, P of the warp's rows
+  int64_t d;
 
-  static __device__ __forceinline__ smem_t to_smem(scalar_t x) { return static_cast<acc_t>(x); }
-  static __device__ __forceinline__ smem_t smem_zero() { return acc_t(0); }
+  __device__ SimtEngine(unsigned char* smem, int64_t d_) : d(d_) {
+    chunk_a = reinterpret_cast<scalar_t*>(smem);
+    chunk_b = chunk_a + kBlockRows * kChunkPitch;
+    values = chunk_a;
+    probs = reinterpret_cast<acc_t*>(smem + kUnionBytes);
+  }
 
-  static __device__ __forceinline__ acc_t logit(const Smem& sm, int r, int c) { return sm.s[r][c]; }
-  static __device__ __forceinline__ void store_g(Smem& sm, int r, int c, acc_t g) { sm.s[r][c] = g; }
-  static __device__ __forceinline__ smem_t* v_row(Smem& sm, int r) { return sm.u.v[r]; }
+  __device__ void prologue(const Rows<scalar_t>&, int64_t, const Rows<scalar_t>&, int64_t) {}
+  __device__ void prefetch(const Rows<scalar_t>&, int64_t, int64_t) {}
 
-  // sm.s = Qblk . QueueTile^T over the full D, then __syncthreads().
-  static __device__ void logits_tile(Smem& sm, const Matrix<scalar_t>& query, int64_t row0,
-                                     const Matrix<scalar_t>& queue, int64_t col0) {
-    const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-    acc_t acc[BM / 8][BN / 16];
+  __device__ void scores(acc_t (&s)[NT][4], const Rows<scalar_t>& resident, int64_t row0,
+                         const Rows<scalar_t>& streamed, int64_t tile_row0, int64_t) {
+    __syncthreads();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int a = 0; a < BM / 8; ++a)
-#pragma unroll
-      for (int b = 0; b < BN / 16; ++b) acc[a][b] = acc_t(0);
-    const int64_t d = query.cols;
-    for (int64_t d0 = 0; d0 < d; d0 += KC) {
-#pragma unroll 4
-      for (int e = tid; e < BM * KC; e += kThreads) {
-        const int r = e / KC, kk = e % KC;
-        sm.u.chunk.a[r][kk] = query.contains(row0 + r, d0 + kk)
-                                  ? to_smem(query.at(row0 + r, d0 + kk)) : acc_t(0);
-      }
-#pragma unroll 4
-      for (int e = tid; e < BN * KC; e += kThreads) {
-        const int r = e / KC, kk = e % KC;
-        sm.u.chunk.b[r][kk] = queue.contains(col0 + r, d0 + kk)
-                                  ? to_smem(queue.at(col0 + r, d0 + kk)) : acc_t(0);
-      }
+    for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = acc_t(0);
+    const scalar_t* a0 = chunk_a + (16 * warp + g) * kChunkPitch;
+    const scalar_t* a1 = a0 + 8 * kChunkPitch;
+    const scalar_t* b = chunk_b + 2 * t * kChunkPitch;
+    for (int64_t k0 = 0; k0 < d; k0 += KC) {
+      load_rows(chunk_a, kChunkPitch, resident, row0, kBlockRows, k0, KC);
+      load_rows(chunk_b, kChunkPitch, streamed, tile_row0, BN, k0, KC);
+      cp_async_commit();
+      cp_async_wait<0>();
       __syncthreads();
 #pragma unroll 4
-      for (int kk = 0; kk < KC; ++kk) {
-        acc_t bv[BN / 16];
+      for (int k = 0; k < KC; ++k) {
+        const acc_t x0 = to_acc(a0[k]), x1 = to_acc(a1[k]);
 #pragma unroll
-        for (int b = 0; b < BN / 16; ++b) bv[b] = sm.u.chunk.b[tx + 16 * b][kk];
+        for (int n = 0; n < NT; ++n) {
 #pragma unroll
-        for (int a = 0; a < BM / 8; ++a) {
-          const acc_t av = sm.u.chunk.a[ty + 8 * a][kk];
-#pragma unroll
-          for (int b = 0; b < BN / 16; ++b) acc[a][b] += av * bv[b];
+          for (int e = 0; e < 2; ++e) {
+            const acc_t y = to_acc(b[(8 * n + e) * kChunkPitch + k]);
+            s[n][e] += x0 * y;
+            s[n][2 + e] += x1 * y;
+          }
         }
       }
       __syncthreads();
     }
+  }
+
+  __device__ void accumulate(acc_t (&o)[NV][4], const acc_t (&p)[NT][4],
+                             const Rows<scalar_t>& streamed, int64_t tile_row0, int64_t,
+                             int64_t d0) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    acc_t* p0 = probs + (warp * 16 + g) * kProbPitch;
+    acc_t* p1 = p0 + 8 * kProbPitch;
 #pragma unroll
-    for (int a = 0; a < BM / 8; ++a)
+    for (int n = 0; n < NT; ++n) {
 #pragma unroll
-      for (int b = 0; b < BN / 16; ++b) sm.s[ty + 8 * a][tx + 16 * b] = acc[a][b];
+      for (int e = 0; e < 2; ++e) {
+        p0[8 * n + 2 * t + e] = p[n][e];
+        p1[8 * n + 2 * t + e] = p[n][2 + e];
+      }
+    }
+    // The chunks are dead: scores() ended with a barrier.
+    load_rows(values, kValuePitch, streamed, tile_row0, BN, d0, DV);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
-  }
-
-  static __device__ __forceinline__ void zero(AccDq& acc) {
-#pragma unroll
-    for (int a = 0; a < BM / 8; ++a)
-#pragma unroll
-      for (int b = 0; b < DV / 16; ++b) acc.c[a][b] = acc_t(0);
-  }
-  static __device__ __forceinline__ void zero(AccDqueue& acc) {
-#pragma unroll
-    for (int a = 0; a < BN / 8; ++a)
-#pragma unroll
-      for (int b = 0; b < DV / 16; ++b) acc.c[a][b] = acc_t(0);
-  }
-
-  // acc += G[BM][BN] . v[BN][DV]
-  static __device__ void mma_dq(AccDq& acc, const Smem& sm) {
-    const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+    const scalar_t* v = values + 2 * t;
 #pragma unroll 4
-    for (int kk = 0; kk < BN; ++kk) {
-      acc_t vv[DV / 16];
+    for (int j = 0; j < BN; ++j) {
+      const acc_t x0 = p0[j], x1 = p1[j];
 #pragma unroll
-      for (int b = 0; b < DV / 16; ++b) vv[b] = sm.u.v[kk][tx + 16 * b];
+      for (int n = 0; n < NV; ++n) {
 #pragma unroll
-      for (int a = 0; a < BM / 8; ++a) {
-        const acc_t g = sm.s[ty + 8 * a][kk];
-#pragma unroll
-        for (int b = 0; b < DV / 16; ++b) acc.c[a][b] += g * vv[b];
-      }
-    }
-  }
-
-  // acc += G[BM][BN]^T . v[BM][DV]
-  static __device__ void mma_dqueue(AccDqueue& acc, const Smem& sm) {
-    const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-#pragma unroll 4
-    for (int kk = 0; kk < BM; ++kk) {
-      acc_t vv[DV / 16];
-#pragma unroll
-      for (int b = 0; b < DV / 16; ++b) vv[b] = sm.u.v[kk][tx + 16 * b];
-#pragma unroll
-      for (int a = 0; a < BN / 8; ++a) {
-        const acc_t g = sm.s[kk][ty + 8 * a];
-#pragma unroll
-        for (int b = 0; b < DV / 16; ++b) acc.c[a][b] += g * vv[b];
-      }
-    }
-  }
-
-  // fn(row, col, value) for every element of the tile this thread holds.
-  template <typename Acc, typename Fn>
-  static __device__ void for_each(const Acc& acc, Smem&, Fn fn) {
-    constexpr int kRowGroups = std::extent_v<decltype(Acc::c), 0>;
-    const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-#pragma unroll
-    for (int a = 0; a < kRowGroups; ++a)
-#pragma unroll
-      for (int b = 0; b < DV / 16; ++b) fn(ty + 8 * a, tx + 16 * b, acc.c[a][b]);
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
-// Tensor-core engine (float16 / bfloat16, sm_80+), 256 threads: each of the 8 warps owns two
-// 16 x 16 blocks of every 64 x 64 output tile, so a thread holds 16 fp32 accumulators of the
-// logits tile and 16 of a gradient tile (with 4 warps it would be 32 + 32, and ptxas spilled).
-// Row pitches are padded by 8 halves (16 bytes) so that wmma fragment pointers stay 32-byte
-// aligned and rows do not collide on the same banks.
-// ---------------------------------------------------------------------------------------------
-template <typename scalar_t>
-struct NativeHalf;
-template <>
-struct NativeHalf<at::Half> {
-  using type = __half;
-  static __device__ __forceinline__ type from_float(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ type from_scalar(at::Half x) { return __ushort_as_half(x.x); }
-};
-template <>
-struct NativeHalf<at::BFloat16> {
-  using type = __nv_bfloat16;
-  static __device__ __forceinline__ type from_float(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ type from_scalar(at::BFloat16 x) {
-    return __ushort_as_bfloat16(x.x);
-  }
-};
-
-template <typename scalar_t>
-struct WmmaEngine {
-  static constexpr int kThreads = 256;  // 8 warps
-  static constexpr int kWarps = kThreads / 32;
-  using acc_t = float;
-  using smem_t = typename NativeHalf<scalar_t>::type;
-  static constexpr int BM = 64, BN = 64, KC = 32, DV = 64, VR = 64;
-  static constexpr int kPad = 8;     // halves of padding per row
-  static constexpr int kAccPad = 4;  // floats of padding per row
-  static constexpr int kTilesPerWarp = 2;  // 16 x 16 output blocks per warp
-  static_assert(BM == 64 && BN == 64 && DV == 64 && kWarps == 8,
-                "warp layout: 4 row blocks x 2 column halves of a 64 x 64 tile");
-
-  struct Smem {
-    union {
-      struct {
-        smem_t a[BM][KC + kPad];
-        smem_t b[BN][KC + kPad];
-      } chunk;
-      smem_t v[VR][DV + kPad];
-    } u;
-    float s[BM][BN + kAccPad];  // logits; staging of the gradient accumulators
-    smem_t g[BM][BN + kPad];    // G rounded to the input dtype, the A operand of the products
-  };
-
-  using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-  struct AccDq {
-    FragAcc c[kTilesPerWarp];
-  };
-  using AccDqueue = AccDq;
-
-  // Warp w owns rows 16 (w % 4) .. +16 and columns 32 (w / 4) .. +32 of every 64 x 64 tile.
-  static __device__ __forceinline__ int warp_row() { return 16 * ((threadIdx.x / 32) % 4); }
-  static __device__ __forceinline__ int warp_col(int t) { return 32 * ((threadIdx.x / 32) / 4) + 16 * t; }
-
-  // The same 16 bits, no round trip through float.
-  static __device__ __forceinline__ smem_t to_smem(scalar_t x) {
-    return NativeHalf<scalar_t>::from_scalar(x);
-  }
-  static __device__ __forceinline__ smem_t smem_zero() { return NativeHalf<scalar_t>::from_float(0.0f); }
-  static __device__ __forceinline__ acc_t logit(const Smem& sm, int r, int c) { return sm.s[r][c]; }
-  static __device__ __forceinline__ void store_g(Smem& sm, int r, int c, acc_t g) {
-    sm.g[r][c] = NativeHalf<scalar_t>::from_float(g);
-  }
-  static __device__ __forceinline__ smem_t* v_row(Smem& sm, int r) { return sm.u.v[r]; }
-
-  static __device__ __forceinline__ void zero(AccDq& acc) {
-#pragma unroll
-    for (int t = 0; t < kTilesPerWarp; ++t) nvcuda::wmma::fill_fragment(acc.c[t], 0.0f);
-  }
-
-  static __device__ void logits_tile(Smem& sm, const Matrix<scalar_t>& query, int64_t row0,
-                                     const Matrix<scalar_t>& queue, int64_t col0) {
-    using namespace nvcuda;
-    const int tid = threadIdx.x;
-    AccDq acc;
-    zero(acc);
-    const int64_t d = query.cols;
-    const smem_t zero_h = smem_zero();
-    for (int64_t d0 = 0; d0 < d; d0 += KC) {
-#pragma unroll 4
-      for (int e = tid; e < BM * KC; e += kThreads) {
-        const int r = e / KC, kk = e % KC;
-        sm.u.chunk.a[r][kk] = query.contains(row0 + r, d0 + kk)
-                                  ? to_smem(query.at(row0 + r, d0 + kk)) : zero_h;
-      }
-#pragma unroll 4
-      for (int e = tid; e < BN * KC; e += kThreads) {
-        const int r = e / KC, kk = e % KC;
-        sm.u.chunk.b[r][kk] = queue.contains(col0 + r, d0 + kk)
-                                  ? to_smem(queue.at(col0 + r, d0 + kk)) : zero_h;
-      }
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < KC; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, smem_t, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, &sm.u.chunk.a[warp_row()][kk], KC + kPad);
-#pragma unroll
-        for (int t = 0; t < kTilesPerWarp; ++t) {
-          // QueueTile^T as a column-major K x N operand: element (k, n) = b[n][k].
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, smem_t, wmma::col_major> fb;
-          wmma::load_matrix_sync(fb, &sm.u.chunk.b[warp_col(t)][kk], KC + kPad);
-          wmma::mma_sync(acc.c[t], fa, fb, acc.c[t]);
+        for (int e = 0; e < 2; ++e) {
+          const acc_t y = to_acc(v[j * kValuePitch + 8 * n + e]);
+          o[n][e] += x0 * y;
+          o[n][2 + e] += x1 * y;
         }
       }
-      __syncthreads();
     }
-#pragma unroll
-    for (int t = 0; t < kTilesPerWarp; ++t)
-      wmma::store_matrix_sync(&sm.s[warp_row()][warp_col(t)], acc.c[t], BN + kAccPad,
-                              wmma::mem_row_major);
-    __syncthreads();
-  }
-
-  // acc += G[BM][BN] . v[BN][DV]
-  static __device__ void mma_dq(AccDq& acc, const Smem& sm) {
-    using namespace nvcuda;
-#pragma unroll
-    for (int kk = 0; kk < BN; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, smem_t, wmma::row_major> fa;
-      wmma::load_matrix_sync(fa, &sm.g[warp_row()][kk], BN + kPad);
-#pragma unroll
-      for (int t = 0; t < kTilesPerWarp; ++t) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, smem_t, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, &sm.u.v[kk][warp_col(t)], DV + kPad);
-        wmma::mma_sync(acc.c[t], fa, fb, acc.c[t]);
-      }
-    }
-  }
-
-  // acc += G[BM][BN]^T . v[BM][DV]: G^T is G read as a column-major operand.
-  static __device__ void mma_dqueue(AccDqueue& acc, const Smem& sm) {
-    using namespace nvcuda;
-#pragma unroll
-    for (int kk = 0; kk < BM; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, smem_t, wmma::col_major> fa;
-      wmma::load_matrix_sync(fa, &sm.g[kk][warp_row()], BN + kPad);
-#pragma unroll
-      for (int t = 0; t < kTilesPerWarp; ++t) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, smem_t, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, &sm.u.v[kk][warp_col(t)], DV + kPad);
-        wmma::mma_sync(acc.c[t], fa, fb, acc.c[t]);
-      }
-    }
-  }
-
-  // Fragment element order is opaque: stage the 64 x 64 tile through sm.s.
-  template <typename Fn>
-  static __device__ void for_each(const AccDq& acc, Smem& sm, Fn fn) {
-    using namespace nvcuda;
-    __syncthreads();
-#pragma unroll
-    for (int t = 0; t < kTilesPerWarp; ++t)
-      wmma::store_matrix_sync(&sm.s[warp_row()][warp_col(t)], acc.c[t], BN + kAccPad,
-                              wmma::mem_row_major);
-    __syncthreads();
-    for (int e = threadIdx.x; e < 64 * DV; e += kThreads) fn(e / DV, e % DV, sm.s[e / DV][e % DV]);
   }
 };
 
