@@ -1,8 +1,9 @@
 """The Triton kernels at real sizes on a CUDA GPU (skipped without one).
 
-tests/test_triton.py runs on the GPU too when there is one; this module adds what only makes sense
-there: the benchmark's problem size, the launch configurations of large D, long same-class
-segments, and the memory bound (no N x Q buffer).
+The contract suite (tests/test_contract.py) runs the Triton kernels on the GPU too when there is
+one; this module adds what only makes sense there: the benchmark's problem size, the launch
+configurations of large D, long same-class segments and class sums of many pieces, and the
+memory bound (no N x Q buffer).
 """
 from __future__ import annotations
 
@@ -18,9 +19,7 @@ if torch.cuda.is_available():
     pytest.importorskip("triton")
     import kcl_ext
     from kcl_ext.triton import kernels
-
-TOLERANCES = {torch.float32: (2e-5, 1e-5), torch.float16: (1e-2, 5e-3),
-              torch.bfloat16: (1e-1, 2e-2)}
+    from _backends import assert_close
 
 
 def make_inputs(n, q, d, dtype, classes, grads=("query", "key", "queue"), seed=0):
@@ -45,27 +44,30 @@ def outputs(fn, inputs, **kwargs):
     return [loss.detach()] + [t.grad for t in inputs[:3] if t.requires_grad]
 
 
+def triton_loss(*args, **kwargs):
+    return kcl_ext.kpos_loss(*args, backend="triton", **kwargs)
+
+
 def check_against_reference(inputs, dtype, **kwargs):
-    got = outputs(lambda *a, **kw: kcl_ext.kpos_loss(*a, backend="triton", **kw), inputs, **kwargs)
+    got = outputs(triton_loss, inputs, **kwargs)
     want = outputs(kcl_ext.kpos_loss_reference, inputs, **kwargs)
-    atol, rtol = TOLERANCES[dtype]
     for name, a, b in zip(("loss", "d query", "d key", "d queue"), got, want):
-        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        assert_close(a, b, "triton", dtype, name)
     return got
 
 
-def test_benchmark_size_bf16_matches_reference_and_is_deterministic():
+@pytest.mark.parametrize("k", [6, -1])
+def test_benchmark_size_bf16_matches_reference_and_is_deterministic(k):
     inputs = make_inputs(256, 65536, 128, torch.bfloat16, classes=1000)
-    first = check_against_reference(inputs, torch.bfloat16, k=6, seed=3)
-    second = outputs(lambda *a, **kw: kcl_ext.kpos_loss(*a, backend="triton", **kw), inputs, k=6,
-                     seed=3)
+    first = check_against_reference(inputs, torch.bfloat16, k=k, seed=3)
+    second = outputs(triton_loss, inputs, k=k, seed=3)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype, d", [(torch.float32, 128), (torch.float16, 96),
-                                      (torch.bfloat16, 200), (torch.float32, 384)])
+                                      (torch.bfloat16, 200), (torch.float32, 384),
+                                      (torch.bfloat16, 384), (torch.float64, 24)])
 def test_dtypes_and_feature_sizes(dtype, d):
     inputs = make_inputs(100, 3000, d, dtype, classes=10)
     check_against_reference(inputs, dtype, k=6, seed=5)
@@ -74,20 +76,29 @@ def test_dtypes_and_feature_sizes(dtype, d):
 @pytest.mark.parametrize("k", [6, 200, -1])
 def test_long_segments_select_as_cpp_backend(k):
     # Two classes over 5000 entries: segments of ~1700, many chunks of the selection kernel;
-    # k = 200 takes the bisection path.
+    # k = 200 takes the bisection path, k = -1 sums each class in two pieces of 1024 rows.
     inputs = make_inputs(70, 5000, 32, torch.float32, classes=2)
-    seed = torch.tensor([123456789], device="cuda")
-    _, _, got = torch.ops.kcl.kpos_forward_triton(*inputs, seed, k, 0.1)
-    cpu = [t.detach().cpu() for t in inputs]
-    _, _, want = torch.ops.kcl.kpos_forward(*cpu, k, 0.1, 123456789)
-    assert torch.equal(got.cpu(), want)
+    detached = [t.detach() for t in inputs]
+    got = torch.ops.kcl.kpos_forward_triton(*detached, kernels.seed_tensor(123456789, inputs[0]),
+                                            k, 0.1, True)
+    want = torch.ops.kcl.kpos_forward(*[t.cpu() for t in detached], k, 0.1, 123456789, True)
+    assert torch.equal(got[2].cpu(), want[2])                 # positives
+    assert torch.equal(got[3].cpu(), want[3])                 # |P_i|
+    for name, index in (("loss", 0), ("lse", 1), ("target", 4), ("softmax mean", 5)):
+        assert_close(got[index], want[index], "triton", torch.float32, name)
+
+
+def test_class_sums_of_a_long_batch_class():
+    # 4096 queries of two classes: the backward's per-class sums of the batch run in pieces.
+    inputs = make_inputs(4096, 8192, 64, torch.bfloat16, classes=2)
+    check_against_reference(inputs, torch.bfloat16, k=-1, seed=1)
 
 
 def peak_extra_bytes(inputs):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
-    outputs(lambda *a, **kw: kcl_ext.kpos_loss(*a, backend="triton", **kw), inputs, k=6, seed=1)
+    outputs(triton_loss, inputs, k=6, seed=1)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - baseline
 
@@ -98,12 +109,13 @@ def test_extra_memory_does_not_grow_with_n_times_q():
     large = peak_extra_bytes(make_inputs(n, 65536, d, torch.bfloat16, 1000, grads=("query",)))
     logits_bytes = n * 65536 * 4            # one N x Q float32 matrix: 64 MiB
     # The peak stays far below one logits matrix, and going from Q = 16384 to 65536 adds O(Q)
-    # (label sorting), far below the 48 MiB an N x Q buffer would add.
+    # (label sorting, the empty-slot bias), far below the 48 MiB an N x Q buffer would add.
     assert large < logits_bytes // 2, (small, large)
     assert large - small < (n * (65536 - 16384) * 4) // 8, (small, large)
 
 
 def test_queue_splits_fill_the_gpu():
     cfg = kernels.LaunchConfig(torch.device("cuda"), torch.bfloat16, 128)
-    splits, _ = kernels._queue_splits(4, 65536 // cfg.block_n, cfg.target_programs)
-    assert 4 * splits >= torch.cuda.get_device_properties(0).multi_processor_count
+    splits, _ = kernels._queue_splits(256 // cfg.block_m, 65536 // cfg.block_n,
+                                      cfg.target_programs)
+    assert 256 // cfg.block_m * splits >= torch.cuda.get_device_properties(0).multi_processor_count
