@@ -12,13 +12,17 @@ The rule (docs/cuda_kernels.md, "Choosing the backend"):
    the faster; a tie goes to "cuda". Shape buckets round N, Q and D up to powers of two. Every
    later call with that key reuses the cached choice, so the choice is fixed for the rest of the
    process.
-4. While torch.compile traces (no real tensors to time), a key without a cached choice takes the
+4. A backend that raises while it is timed (a kernel that does not compile on this GPU or
+   toolkit, a dtype it cannot take) is left out of that key's choice with a warning that says
+   why, and the other one is used; if both raise, the call fails with both errors.
+5. While torch.compile traces (no real tensors to time), a key without a cached choice takes the
    preference order ("cuda", then "triton").
 """
 from __future__ import annotations
 
 import os
 import statistics
+import warnings
 
 import torch
 
@@ -123,8 +127,22 @@ def choose(run, query, key, queue, query_labels, queue_labels, k: int, temperatu
         return _choices[cache_key]
     if torch.compiler.is_compiling():
         return candidates[0]
-    times = {b: timer(run, b, query, key, queue, query_labels, queue_labels, k, temperature)
-             for b in candidates}
-    best = min(candidates, key=lambda b: (times[b], candidates.index(b)))
+    times, failures = {}, {}
+    for backend in candidates:
+        try:
+            times[backend] = timer(run, backend, query, key, queue, query_labels, queue_labels, k,
+                                   temperature)
+        except Exception as error:  # noqa: BLE001  (any failure of one backend: try the other)
+            failures[backend] = error
+    if not times:
+        details = "; ".join(f"{b}: {type(e).__name__}: {e}" for b, e in failures.items())
+        raise RuntimeError(f"kpos_loss: backend='auto' found no CUDA backend that runs these "
+                           f"inputs ({details})") from next(iter(failures.values()))
+    best = min(times, key=lambda b: (times[b], candidates.index(b)))
+    for backend, error in failures.items():
+        warnings.warn(f"kpos_loss: backend={backend!r} failed on these inputs "
+                      f"({type(error).__name__}: {error}); backend='auto' uses {best!r} for "
+                      f"them (device {query.device}, {query.dtype})", RuntimeWarning,
+                      stacklevel=3)
     _choices[cache_key] = best
     return best

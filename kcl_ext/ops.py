@@ -7,28 +7,22 @@ from __future__ import annotations
 import torch
 
 from . import _library  # noqa: F401  (loads the compiled library: torch.ops.kcl.*)
-from . import _autograd, _backend_choice, _validation
+from . import _amp, _autograd, _backend_choice, _validation
 from .reference import kpos_loss_reference
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
 # Fake (meta) kernels: shapes and dtypes only, so torch.compile and FakeTensor can trace the ops.
 # ----------------------------------------------------------------------------------------------
 @torch.library.register_fake("kcl::kpos_forward")
-def _kpos_forward_fake(query, key, queue, query_labels, queue_labels, k, temperature, seed):
+def _kpos_forward_fake(query, key, queue, query_labels, queue_labels, k, temperature, seed,
+                       query_grad=False):
     _validation.check_inputs(query, key, queue, query_labels, queue_labels)
     _validation.check_k(k)
     _validation.check_temperature(temperature)
-    n = query.size(0)
-    acc = _acc_dtype(query.dtype)
-    return (query.new_empty(n, dtype=acc), query.new_empty(n, dtype=acc),
-            query.new_empty(n, 3, dtype=torch.int64))
+    return _autograd.forward_fake(query, k, query_grad)
 
 
 torch.library.register_fake("kcl::kpos_backward")(_autograd.backward_fake)
@@ -45,9 +39,9 @@ def _sample_positives_fake(query_labels, queue_labels, k, seed):
 # ----------------------------------------------------------------------------------------------
 # Autograd of kpos_forward (kpos_loss is composite over it, so it inherits this).
 # ----------------------------------------------------------------------------------------------
-# Inputs: query, key, queue, query_labels, queue_labels, k, temperature, seed.
+# Inputs: query, key, queue, query_labels, queue_labels, k, temperature, seed, query_grad.
 _autograd.register_forward_autograd("kcl::kpos_forward", torch.ops.kcl.kpos_backward,
-                                   temperature_index=6)
+                                   k_index=5, temperature_index=6)
 
 
 def _kpos_backward_backward(ctx, *grads):
@@ -56,6 +50,10 @@ def _kpos_backward_backward(ctx, *grads):
 
 
 torch.library.register_autograd("kcl::kpos_backward", _kpos_backward_backward)
+
+# Under torch.autocast the op runs in float32, as PyTorch's own losses do (kcl_ext/_amp.py).
+_amp.register("kcl::kpos_loss")
+_amp.register("kcl::kpos_forward")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +100,7 @@ def kpos_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
         seed: int seed of the positive selection; None draws one from torch's default generator.
         backend: "auto", "cpu", "cuda", "triton" or "reference".
     """
+    query, key, queue = _amp.autocast_features(query, key, queue)
     _validation.check_all(query, key, queue, query_labels, queue_labels, k, temperature, reduction,
                           seed)
     temperature = float(temperature)

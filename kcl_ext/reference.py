@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _validation
+from . import _amp, _validation
 
 MASK32 = 0xFFFFFFFF
 
@@ -86,10 +86,21 @@ def sample_positives_reference(query_labels, queue_labels, k: int, seed: int) ->
 def kpos_loss_reference(query, key, queue, query_labels, queue_labels, *, k: int = 6,
                         temperature: float = 0.07, reduction: str = "mean", seed=None):
     """Dense kpos_loss. Differentiable by autograd in query, key and queue."""
+    query, key, queue = _amp.autocast_features(query, key, queue)
     _validation.check_all(query, key, queue, query_labels, queue_labels, k, temperature, reduction,
                           seed, name="kpos_loss_reference")
     if seed is None:
         seed = draw_seed()
+    if query.device.type in _amp.DEVICE_TYPES:
+        # The products in the accumulation dtype, not autocast's lower one.
+        with torch.autocast(query.device.type, enabled=False):
+            return _dense_loss(query, key, queue, query_labels, queue_labels, k, temperature,
+                               reduction, seed)
+    return _dense_loss(query, key, queue, query_labels, queue_labels, k, temperature, reduction,
+                       seed)
+
+
+def _dense_loss(query, key, queue, query_labels, queue_labels, k, temperature, reduction, seed):
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, kk, bank = query.to(acc), key.to(acc), queue.to(acc)
 

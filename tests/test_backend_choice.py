@@ -32,6 +32,8 @@ class StandInTimer:
 
     def __call__(self, run, backend, *args):
         self.calls.append(backend)
+        if isinstance(self.times[backend], Exception):
+            raise self.times[backend]
         return self.times[backend]
 
 
@@ -96,3 +98,26 @@ def test_cpu_inputs_keep_the_cpu_kernel(monkeypatch):
     monkeypatch.setenv(_backend_choice.ENV_VAR, "triton")  # only consulted for CUDA inputs
     from kcl_ext.ops import _resolve_backend
     assert _resolve_backend("auto", torch.device("cpu"), inputs()) == "cpu"
+
+
+@pytest.mark.parametrize("failing,expected", [("cuda", "triton"), ("triton", "cuda")])
+def test_a_failing_backend_falls_back_to_the_other(both_available, failing, expected):
+    times = {"cuda": 1.0, "triton": 2.0}
+    times[failing] = RuntimeError("ptxas fatal: unsupported target")
+    timer = StandInTimer(times)
+    with pytest.warns(RuntimeWarning, match=f"backend='{failing}' failed on these inputs "
+                                            r"\(RuntimeError: ptxas fatal"):
+        assert _backend_choice.choose(never_run, *inputs(), timer=timer) == expected
+    # the choice is cached: no new attempt, no new warning
+    assert _backend_choice.choose(never_run, *inputs(), timer=timer) == expected
+    assert len(timer.calls) == 2
+
+
+def test_every_backend_failing_raises_with_both_errors(both_available):
+    timer = StandInTimer({"cuda": TypeError("no float64 kernel"),
+                          "triton": RuntimeError("out of resources")})
+    with pytest.raises(RuntimeError, match="no CUDA backend that runs these inputs "
+                                           r"\(cuda: TypeError: no float64 kernel; triton: "
+                                           "RuntimeError: out of resources"):
+        _backend_choice.choose(never_run, *inputs(), timer=timer)
+    assert _backend_choice.chosen_backends() == {}
