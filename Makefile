@@ -1,5 +1,5 @@
-# kcl_ext: `make demo` runs the main job, `make test` runs the tests, `make bench` the CPU
-# benchmarks. They set up everything they need on a fresh machine: the virtual environment
+# kcl_ext: `make demo` runs the main job (the paired loss study; `make demo-quick` a smoke
+# run), `make test` runs the tests, `make bench` the CPU benchmarks. They set up everything they need on a fresh machine: the virtual environment
 # (.venv, pinned requirements.txt) and the build; `make demo` also the Fashion-MNIST IDX files
 # (`make data`).
 SHELL := /bin/bash
@@ -21,8 +21,8 @@ DEMO_OUT := runs/demo
 CUDA_BUILD := build-cuda
 CUDA_ARCHS ?= 8.0;9.0
 
-.PHONY: venv build test test-python test-cmake data demo demo-loss clean build-cuda-check \
-	cuda-resources bench
+.PHONY: venv build test test-python test-cmake data demo demo-quick demo-loss clean build-cuda-check \
+	cuda-resources bench test-oldest gpu-wheels
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -38,7 +38,7 @@ $(BUILD_STAMP): $(STAMP) $(SOURCES)
 	$(PY) -c "import torch, kcl_ext; print('built', kcl_ext._library.LIBRARY_PATH)"
 	mkdir -p build && touch $@
 
-test: test-python test-cmake build-cuda-check
+test: test-python test-cmake build-cuda-check test-oldest
 
 test-python: build
 	$(PY) -m pytest -q tests
@@ -72,6 +72,42 @@ cuda-resources: build-cuda-check
 	$(PY) tools/cuda_resources.py $(CUDA_BUILD)/build.log --write docs/cuda_resources.md
 # --- end CUDA build check ----------------------------------------------------------------------
 
+# --- The oldest supported stack (requirements-oldest.txt: torch 2.11, triton 3.6, setuptools 64) ---
+# Its own venv; the wheel is built with pip from a copy of the working tree (tracked and untracked,
+# not ignored files) so that nothing of the main build is reused, and installed into that venv. The
+# tests run from $(OLDEST)/ so that `import kcl_ext` finds the installed wheel, not the source tree:
+# the CPU contract tests, the Triton interpreter tests, then the compile check of every Triton kernel
+# for sm_90a (compile errors and register spills fail it).
+OLDEST_VENV := .venv-oldest
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST := build-oldest
+OLDEST_STAMP := $(OLDEST_VENV)/.requirements-installed
+$(OLDEST_STAMP): requirements-oldest.txt
+	test -x $(OLDEST_PY) || $(PYTHON_SYS) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install --upgrade pip==26.3 >/dev/null
+	$(OLDEST_PY) -m pip install -q -r requirements-oldest.txt
+	touch $@
+
+$(OLDEST)/.installed: $(OLDEST_STAMP) $(SOURCES) $(shell find kcl_ext -name '*.py')
+	rm -rf $(OLDEST) && mkdir -p $(OLDEST)/src $(OLDEST)/wheel
+	git ls-files -co --exclude-standard | tar -T - -cf - | tar -xf - -C $(OLDEST)/src
+	@start=$$(date +%s); \
+	MAX_JOBS=$(JOBS) $(OLDEST_PY) -m pip wheel --no-build-isolation --no-deps -w $(OLDEST)/wheel \
+		$(OLDEST)/src > $(OLDEST)/build.log 2>&1 || { tail -n 40 $(OLDEST)/build.log; exit 1; }; \
+	echo "oldest stack: wheel built in $$(( $$(date +%s) - start )) s"
+	$(OLDEST_PY) -m pip install -q --force-reinstall --no-deps $(OLDEST)/wheel/*.whl
+	cd $(OLDEST) && ../$(OLDEST_PY) -c "import sys, setuptools, torch, triton, kcl_ext; \
+		assert kcl_ext.__file__.startswith(sys.prefix), kcl_ext.__file__; \
+		print('oldest stack: torch', torch.__version__, 'triton', triton.__version__, \
+		      'setuptools', setuptools.__version__, 'kcl_ext from', kcl_ext.__file__)"
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	cd $(OLDEST) && ../$(OLDEST_PY) -m pytest -q -p no:cacheprovider ../tests/test_contract.py \
+		../tests/test_cpu.py ../tests/test_triton.py
+	cd $(OLDEST) && ../$(OLDEST_PY) -m kcl_ext.triton.compile_check --arch 90a --check-spills
+# --- end oldest stack -------------------------------------------------------------------------
+
 data: $(addprefix $(FMNIST_DIR)/,$(FMNIST_FILES))
 $(addprefix $(FMNIST_DIR)/,$(FMNIST_FILES)):
 	@if [ ! -f $(FMNIST_SYSTEM)/$(@F) ]; then \
@@ -82,22 +118,40 @@ $(addprefix $(FMNIST_DIR)/,$(FMNIST_FILES)):
 	mkdir -p $(FMNIST_DIR)
 	cp $(FMNIST_SYSTEM)/$(@F) $@
 
-# The main job: CE and KCL on Fashion-MNIST-LT through both stages, for each of DEMO_SEEDS, one
-# table (per seed, and mean ± std), the per-class plots.
-DEMO_SEEDS ?= 0 1 2
+# The main job: the paired CE / FCL / KCL study on Fashion-MNIST-LT (configs/fmnist_lt_study.yaml,
+# docs/training.md "The study"): the balanced-CE difficulty control, four class orderings built
+# from it, two seeds each, the three losses through both stages, the beta protocol on a
+# balanced held-out split, paired 95 % intervals, the positive control; one verdict table,
+# runs/demo/study.json, verdict.md and the plots. It replaces the previous study in runs/demo.
+DEMO_JOBS ?= 2
+# OpenMP threads that sleep instead of spinning when they wait: on a CPU shared with other jobs
+# spinning slows torch and the fused op several-fold (see the README); results do not change.
+demo: export OMP_WAIT_POLICY ?= passive
 demo: build data
+	@start=$$(date +%s); \
+	$(PY) -m kcl_ext.train study --config configs/fmnist_lt_study.yaml --out $(DEMO_OUT) \
+		--overwrite --jobs $(DEMO_JOBS) && \
+	echo "demo wall time: $$(( $$(date +%s) - start )) s"
+
+# A quick smoke run of the harness: CE and KCL on the one class order of Fashion-MNIST-LT
+# (class c gets the c-th largest size), both stages, for each of DEMO_SEEDS; one table.
+# Each run replaces the previous one in its folder (--overwrite).
+DEMO_SEEDS ?= 0
+DEMO_QUICK_OUT := runs/demo-quick
+demo-quick: export OMP_WAIT_POLICY ?= passive
+demo-quick: build data
 	@start=$$(date +%s); set -e; ce=; kcl=; \
 	for seed in $(DEMO_SEEDS); do \
-		$(PY) -m kcl_ext.train --config configs/fmnist_lt_ce.yaml --out $(DEMO_OUT)/ce-seed$$seed \
-			--set seed=$$seed; \
-		$(PY) -m kcl_ext.train --config configs/fmnist_lt_kcl.yaml --out $(DEMO_OUT)/kcl-seed$$seed \
-			--set seed=$$seed; \
-		ce=$${ce:+$$ce,}$(DEMO_OUT)/ce-seed$$seed/report.json; \
-		kcl=$${kcl:+$$kcl,}$(DEMO_OUT)/kcl-seed$$seed/report.json; \
+		$(PY) -m kcl_ext.train --config configs/fmnist_lt_ce.yaml --out $(DEMO_QUICK_OUT)/ce-seed$$seed \
+			--overwrite --set seed=$$seed; \
+		$(PY) -m kcl_ext.train --config configs/fmnist_lt_kcl.yaml --out $(DEMO_QUICK_OUT)/kcl-seed$$seed \
+			--overwrite --set seed=$$seed; \
+		ce=$${ce:+$$ce,}$(DEMO_QUICK_OUT)/ce-seed$$seed/report.json; \
+		kcl=$${kcl:+$$kcl,}$(DEMO_QUICK_OUT)/kcl-seed$$seed/report.json; \
 	done; \
-	$(PY) -m kcl_ext.compare "CE=$$ce" "KCL=$$kcl" --markdown $(DEMO_OUT)/table.md; \
-	echo "plots: $(DEMO_OUT)/*/per_class.png; table: $(DEMO_OUT)/table.md"; \
-	echo "demo wall time: $$(( $$(date +%s) - start )) s"
+	$(PY) -m kcl_ext.train compare "CE=$$ce" "KCL=$$kcl" --markdown $(DEMO_QUICK_OUT)/table.md; \
+	echo "plots: $(DEMO_QUICK_OUT)/*/per_class.png; table: $(DEMO_QUICK_OUT)/table.md"; \
+	echo "demo-quick wall time: $$(( $$(date +%s) - start )) s"
 
 # The loss alone: the fused CPU op beside the dense reference at MoCo sizes.
 demo-loss: build
@@ -109,5 +163,14 @@ bench: build
 	$(PY) -m benchmarks.run --device cpu --out benchmarks/results
 	$(PY) -m benchmarks.render
 
+# Wheels for Python 3.12 of what the GPU machine's image lacks (tools/gpu_check.sh): carried to it in
+# the ignored .whl/ folder (docs/benchmarks.md, "The GPU check").
+GPU_WHEELS := expecttest==0.3.0 inf-cl==1.2.1 pytorch-metric-learning==2.9.0
+gpu-wheels: $(STAMP)
+	grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+
 clean:
-	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log $(CUDA_BUILD) *.egg-info kcl_ext/_C*.so
+	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log $(CUDA_BUILD) $(OLDEST) *.egg-info kcl_ext/_C*.so
