@@ -1,10 +1,15 @@
-"""Small torch.distributed helpers; every one is a no-op in a single process."""
+"""Small torch.distributed helpers shared by the memory bank and the training harness; every one
+is a no-op in a single process."""
 from __future__ import annotations
 
 import os
 
 import torch
 import torch.distributed as dist
+
+# torch >= 2.12 names the single-tensor all-gather `all_gather_single` and warns on the old
+# name; torch 2.11 only has `all_gather_into_tensor`. Both fill one preallocated output tensor.
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def is_distributed() -> bool:
@@ -24,12 +29,36 @@ def is_main() -> bool:
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenation over processes (rank order) of equally shaped tensors; no gradient."""
+    """Concatenation over processes (rank order) of equally shaped tensors along dim 0, in one
+    collective into one preallocated tensor; no gradient."""
     if not is_distributed():
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((dist.get_world_size() * tensor.size(0), *tensor.shape[1:]))
+    _gather_into(out, tensor)
+    return out
+
+
+def all_gather_padded(tensor: torch.Tensor, total: int) -> torch.Tensor:
+    """The rows of a tensor sharded by `shard_range` over processes, gathered on every process.
+
+    Shards are contiguous and all of size ceil(total / world) except the last non-empty one (and
+    empty ones after it), so padding each to that size puts every padded row after the `total`
+    real ones: one all-gather, then the first `total` rows."""
+    world = world_size()
+    if world == 1:
+        return tensor
+    per = -(-total // world)
+    padded = tensor.new_zeros((per, *tensor.shape[1:]))
+    padded[:tensor.size(0)] = tensor
+    return all_gather_cat(padded)[:total]
+
+
+def shard_range(total: int, rank_: int, world: int) -> tuple[int, int]:
+    """[start, stop) of the contiguous share of `total` items that process `rank_` handles."""
+    per = -(-total // world)
+    start = min(total, rank_ * per)
+    return start, min(total, start + per)
 
 
 def mean_over_processes(tensor: torch.Tensor) -> torch.Tensor:
@@ -40,15 +69,18 @@ def mean_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
-def average_gradients(parameters) -> None:
-    """Averages .grad over processes, in a fixed order (for modules not wrapped in DDP)."""
-    if not is_distributed():
+def average_in_place(tensors) -> None:
+    """Replaces each tensor by its mean over processes: one all-reduce of their concatenation."""
+    tensors = list(tensors)
+    if not is_distributed() or not tensors:
         return
-    world = dist.get_world_size()
-    for p in parameters:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def barrier() -> None:

@@ -51,12 +51,12 @@ class MemoryBank(nn.Module):
         keys = kdist.all_gather_cat(keys.detach().to(self.keys.dtype))
         labels = kdist.all_gather_cat(labels.detach().to(torch.int64))
         n = keys.size(0)
-        start = int(self.pointer)
-        # Entry t of the batch goes to slot (start + t) % size; when the batch is longer than the
-        # bank, only its newest `size` entries survive, in the slots the full write would give.
+        # Entry t of the batch goes to slot (pointer + t) % size; when the batch is longer than
+        # the bank, only its newest `size` entries survive, in the slots the full write would
+        # give. The pointer stays on the device: no host synchronisation per step.
         first = max(0, n - self.size)
-        slots = (torch.arange(first, n, device=self.keys.device) + start) % self.size
+        slots = (torch.arange(first, n, device=self.keys.device) + self.pointer) % self.size
         self.keys[slots] = keys[first:]
         self.labels[slots] = labels[first:]
-        self.pointer.fill_((start + n) % self.size)
+        self.pointer.add_(n).remainder_(self.size)
         self.total_enqueued.add_(n)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kcl_ext import metrics
+from kcl_ext.training import metrics
 
 
 def test_balancedness_hand_computed():
@@ -68,7 +68,7 @@ def test_plot_and_json(tmp_path):
 
 
 def test_compare_aggregates_seeds(tmp_path, capsys):
-    from kcl_ext import compare
+    from kcl_ext.training import compare
 
     def report(seed, few, beta):
         path = tmp_path / f"r{seed}.json"

@@ -1,9 +1,10 @@
 """DDP on 2 gloo processes (loopback): equality with 1 process, and shuffle-BN.
 
-The equality test uses GroupNorm (model.norm: gn), whose statistics are per sample, so splitting
-a global batch across processes changes no activation; with BatchNorm each process would
-normalise over its half batch and the runs would differ by design (SyncBatchNorm is CUDA-only).
-It uses the fcl loss (k = -1, all same-class entries): kcl's positive draw is keyed by the row
+The equality test runs twice: with GroupNorm (model.norm: gn), whose statistics are per sample,
+so splitting a global batch across processes changes no activation; and with BatchNorm in two
+BN groups per global batch (model.bn_splits: 2), which one process forms with split-BN and two
+processes form by each normalising its half, the keys shuffled across the groups the same way
+in both, and the running statistics averaged over the groups in both. It uses the fcl loss (k = -1, all same-class entries): kcl's positive draw is keyed by the row
 index within a process's batch, so a 2-process run draws other (equally uniform) positives than a
 1-process run. What remains different is the order of floating-point sums (gradient all-reduce
 versus one batch mean), hence a tolerance instead of bitwise equality.
@@ -11,12 +12,13 @@ versus one batch mean), hence a tolerance instead of bitwise equality.
 import json
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kcl_ext import train
-from kcl_ext.config import load_config
-from kcl_ext.models import ContrastiveEncoder, MomentumPair, SmallResNet
+from kcl_ext.training import trainer as train
+from kcl_ext.training.config import load_config
+from kcl_ext.training.models import ContrastiveEncoder, MomentumPair, SmallResNet
 from _harness import free_port, init_gloo, make_fashion_idx, tiny_config
 
 
@@ -33,9 +35,12 @@ def _losses(out):
         return [(r["stage"], r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("norm", ["gn", "bn"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, norm):
     root = make_fashion_idx(str(tmp_path / "fm"))
-    cfg = load_config(base=tiny_config(root, model={"norm": "gn"}, stage1={"loss": "fcl"}))
+    model = {"norm": "gn", "bn_splits": 1} if norm == "gn" else {"norm": "bn", "bn_splits": 2}
+    cfg = load_config(base=tiny_config(root, model=model, stage1={"loss": "fcl"},
+                                       eval={"batch_size": 64, "every_epochs": 1}))
     train.run(cfg, str(tmp_path / "one"))
     mp.spawn(_ddp_run, args=(2, free_port(), cfg, str(tmp_path / "two")), nprocs=2)
 
@@ -51,7 +56,14 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     assert torch.allclose(a["bank"]["keys"], b["bank"]["keys"], atol=1e-4)
     for name, value in a["model"].items():
         assert torch.allclose(value, b["model"][name], atol=1e-4), name
+    if norm == "bn":  # the running statistics moved, and equally
+        assert not torch.equal(a["model"]["query_encoder.backbone.stem.1.running_var"],
+                               torch.ones(4))
     assert torch.allclose(a["classifier"]["weight"], b["classifier"]["weight"], atol=1e-4)
+    report_a = json.loads((tmp_path / "one" / "report.json").read_text())
+    report_b = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report_a["class_accuracy"] == report_b["class_accuracy"]  # sharded evaluation
+    assert report_b["provenance"]["device"]["processes"] == 2
 
 
 def _shuffle_bn_worker(rank, world, port, result):

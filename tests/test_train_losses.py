@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from kcl_ext import train
-from kcl_ext.config import load_config
+from kcl_ext.training import trainer as train
+from kcl_ext.training.config import load_config
+from kcl_ext.training.errors import ConfigError
 from _harness import make_fashion_idx, tiny_config
 
 
@@ -37,11 +38,12 @@ def test_moco_run_both_stages(fm_root, tmp_path):
 
 
 def test_bad_config_values_are_rejected(fm_root):
-    with pytest.raises(ValueError, match="stage1.loss must be one of"):
+    with pytest.raises(ConfigError, match="'stage1.loss': expected one of 'kcl', 'fcl', "
+                                          "'moco', 'ce', got 'supcon'"):
         load_config(base=tiny_config(fm_root, stage1={"loss": "supcon"}))
-    with pytest.raises(ValueError, match="stage1.k must be an int >= 1"):
+    with pytest.raises(ConfigError, match="'stage1.k': expected an integer >= 1, got 0"):
         load_config(base=tiny_config(fm_root, stage1={"k": 0}))
-    with pytest.raises(KeyError, match="unknown config key 'model.depth'"):
+    with pytest.raises(ConfigError, match="unknown config key 'model.depth'"):
         load_config(base=tiny_config(fm_root, model={"depth": 3}))
-    with pytest.raises(ValueError, match="--set expects KEY=VALUE"):
+    with pytest.raises(ConfigError, match="--set expects KEY=VALUE"):
         load_config(overrides=["stage1.epochs"])

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from _harness import make_fashion_idx, tiny_config
-from kcl_ext.data import long_tailed_counts
+from kcl_ext.training.data import long_tailed_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +48,7 @@ def tensors_equal(a, b, where=""):
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     root = make_fashion_idx(str(tmp_path / "fm"))
-    cfg = tiny_config(root)  # 2 epochs in each stage
+    cfg = tiny_config(root, eval={"batch_size": 64, "every_epochs": 1})  # 2 epochs per stage
     steps = sum(long_tailed_counts(10, 40, 10)) // cfg["stage1"]["batch_size"]  # per epoch
     assert steps >= 4
     config_path = tmp_path / "tiny.yaml"
@@ -63,7 +63,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert first.returncode == -signal.SIGKILL, first.stderr
     saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert saved["position"] == {"stage": "stage1", "epoch": 1, "step_in_epoch": 0,
-                                 "global_step": steps, "warmed_up": True}
+                                 "global_step": steps, "warmed_up": True, "best": None}
     assert not os.path.exists(os.path.join(out, "report.json"))
     # Kill 2, after resuming: in the middle of stage-2 epoch 2.
     second = train_cli(str(config_path), out, "--resume", "--stop-at-step",
@@ -71,14 +71,20 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert second.returncode == -signal.SIGKILL, second.stderr
     saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert saved["position"]["stage"] == "stage2" and saved["position"]["global_step"] == 3 * steps
+    assert saved["position"]["best"]["epoch"] == 1  # evaluated after stage-2 epoch 1
     third = train_cli(str(config_path), out, "--resume")
     assert third.returncode == 0, third.stderr
 
     a = torch.load(os.path.join(tmp_path / "whole", "checkpoint.pt"), weights_only=False)
     b = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert a["position"] == b["position"] and a["position"]["stage"] == "done"
-    for part in ("model", "optimizer", "bank", "classifier", "optimizer2", "rng"):
+    for part in ("model", "optimizer", "scaler", "bank", "classifier", "optimizer2", "rng"):
         tensors_equal(a[part], b[part], part)
+    for name in ("best.pt", "stage1.pt"):
+        best_a = torch.load(tmp_path / "whole" / name, weights_only=False)
+        best_b = torch.load(tmp_path / "killed" / name, weights_only=False)
+        tensors_equal({k: v for k, v in best_a.items() if k != "config"},
+                      {k: v for k, v in best_b.items() if k != "config"}, name)
     assert int(a["bank"]["total_enqueued"]) > cfg["stage1"]["queue_size"]  # warm-up + training
     # The logs agree line for line (records after a checkpoint were dropped and redone).
     log_a = (tmp_path / "whole" / "metrics.jsonl").read_text()

@@ -1,8 +1,10 @@
 """Prints one table of Many / Medium / Few / All and beta for several runs' report.json files:
-`python -m kcl_ext.compare NAME=runs/x/report.json NAME2=runs/y/report.json [--markdown FILE]`.
+`python -m kcl_ext.training.compare NAME=runs/x/report.json NAME2=runs/y/report.json
+[--markdown FILE]` (also `kcl-train compare ...`).
 
 A NAME may name several reports (`NAME=a/report.json,b/report.json`, e.g. one per seed): the
-table then has a row per report and a row with their mean and standard deviation."""
+table then has a row per report and a row with their mean and standard deviation. A shot group
+without classes (or without a value in any report) shows as "-"."""
 from __future__ import annotations
 
 import argparse
@@ -16,12 +18,13 @@ COLUMNS = ("many", "medium", "few", "top1", "beta")
 
 
 def mean_row(reports: list) -> dict:
-    """{column: "mean ± std"} over reports (population std of the seeds' values)."""
+    """{column: "mean ± std"} over reports (population std of the seeds' values); "-" where no
+    report has a value."""
     row = {}
     for col in COLUMNS:
-        values = [r[col] for r in reports if r[col] is not None]
+        values = [r[col] for r in reports if r.get(col) is not None]
         if not values:
-            row[col] = None
+            row[col] = "-"
             continue
         fmt = ".3f" if col == "beta" else ".1f"
         row[col] = f"{statistics.fmean(values):{fmt}} ± {statistics.pstdev(values):{fmt}}"
@@ -29,7 +32,8 @@ def mean_row(reports: list) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="kcl-train compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("reports", nargs="+", metavar="NAME=REPORT_JSON[,REPORT_JSON...]")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
@@ -40,8 +44,11 @@ def main(argv=None) -> int:
             p.error(f"expected NAME=REPORT_JSON[,REPORT_JSON...], got {item!r}")
         groups[name] = []
         for path in paths.split(","):
-            with open(path, encoding="utf-8") as f:
-                groups[name].append(json.load(f))
+            try:
+                with open(path, encoding="utf-8") as f:
+                    groups[name].append(json.load(f))
+            except (OSError, json.JSONDecodeError) as e:
+                p.error(f"{name}: cannot read report {path}: {e}")
     rows = {}
     for name, reports in groups.items():
         for r in reports:
