@@ -3,8 +3,10 @@
 The loss is a sum of independent rows (the positive selection depends on the row index, which a
 prefix keeps), so the check runs each implementation on the first CHECK_ROWS queries against the
 full queue, the very inputs it is timed on, and compares it with the dense reference there:
-  - kpos_loss backends (and the compiled reference): the loss and, for forward+backward, the
-    gradient of the query rows, against kcl_ext.kpos_loss_reference;
+  - kpos_loss backends and what users write instead (the dense loss eager and compiled, SupCon's
+    form, the chunked version): the loss and, for forward+backward, the gradients the point
+    times, against kcl_ext.kpos_loss_reference (the dense user losses with kpos_loss's positives
+    handed to them, where they would draw their own at random);
   - the reference itself: against the fused op of the device;
   - pytorch-metric-learning's SupConLoss (k = -1): its per-row losses and its reduced loss against
     the ones derived exactly from the reference's kpos_loss rows (benchmarks/peers.py);
@@ -40,19 +42,20 @@ def _assert_close(what: str, got, expected, dtype) -> float:
     return error
 
 
-def _rows(inputs, rows: int):
+def _rows(inputs, rows: int, grads=("query",)):
     query, key, queue, query_labels, queue_labels = inputs
-    return (query[:rows].detach().clone().requires_grad_(True), key[:rows].detach(),
-            queue.detach(), query_labels[:rows], queue_labels)
+    return (query[:rows].detach().clone().requires_grad_("query" in grads),
+            key[:rows].detach().clone().requires_grad_("key" in grads),
+            queue.detach().clone().requires_grad_("queue" in grads), query_labels[:rows],
+            queue_labels)
 
 
-def _loss_and_grad(fn, inputs, with_grad: bool):
-    if not with_grad:
+def _loss_and_grad(fn, inputs, grads):
+    if not grads:
         with torch.no_grad():
-            return fn(*inputs), None
+            return fn(*inputs), []
     loss = fn(*inputs)
-    (grad,) = torch.autograd.grad(loss, [inputs[0]])
-    return loss, grad
+    return loss, list(torch.autograd.grad(loss, [t for t in inputs[:3] if t.requires_grad]))
 
 
 def _reference_rows(inputs, k):
@@ -69,34 +72,38 @@ def _fused_for(device: str):
     return IMPLS["fused_cpu"], "cpu"   # a GPU without fused kernels: compare on the CPU
 
 
-def check_agreement(impl: Impl, inputs, k: int, with_grad: bool, device: str) -> dict:
-    """Raises AssertionError unless `impl` agrees with its counterpart; returns what was compared."""
+def check_agreement(impl: Impl, inputs, k: int, grads, device: str) -> dict:
+    """Raises AssertionError unless `impl` agrees with its counterpart on the loss and the
+    gradients of `grads` (names of the inputs; empty for a forward point); returns what was
+    compared."""
     import kcl_ext
     dtype = inputs[0].dtype
+    grads = tuple(grads)
     rows = min(CHECK_ROWS, inputs[0].size(0))
-    sliced = _rows(inputs, rows)
-    got_fn = impl.build(k, device)
+    sliced = _rows(inputs, rows, grads)
+    got_fn = (impl.build_check or impl.build)(k, device)
     report = {"check_rows": rows, "check_tolerance": TOLERANCE[dtype]}
 
-    if impl.family == "kcl":
+    if impl.family in ("kcl", "user"):
         if impl.name == "reference":
             other, other_device = _fused_for(device)
-            expected_inputs = _rows([t.to(other_device) for t in inputs], rows)
+            expected_inputs = _rows([t.to(other_device) for t in inputs], rows, grads)
             expected_fn = other.build(k, other_device)
             report["compared_with"] = other.name
         else:
-            expected_inputs = _rows(inputs, rows)
+            expected_inputs = _rows(inputs, rows, grads)
             report["compared_with"] = "reference"
 
             def expected_fn(*args):
                 return kcl_ext.kpos_loss_reference(*args, k=k, temperature=TEMPERATURE,
                                                    seed=SEED)
-        got, got_grad = _loss_and_grad(got_fn, sliced, with_grad)
-        expected, expected_grad = _loss_and_grad(expected_fn, expected_inputs, with_grad)
+        got, got_grads = _loss_and_grad(got_fn, sliced, grads)
+        expected, expected_grads = _loss_and_grad(expected_fn, expected_inputs, grads)
         report["check_loss_error"] = _assert_close(f"{impl.name} loss", got, expected, dtype)
-        if with_grad:
-            report["check_grad_error"] = _assert_close(f"{impl.name} grad of query", got_grad,
-                                                       expected_grad, dtype)
+        errors = [_assert_close(f"{impl.name} grad of {name}", g, e, dtype)
+                  for name, g, e in zip(grads, got_grads, expected_grads)]
+        if errors:
+            report["check_grad_error"] = max(errors)
         return report
 
     if impl.name == "pml_supcon":

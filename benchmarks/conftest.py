@@ -24,7 +24,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-device", default="cpu", choices=("cpu", "cuda"),
                     help="device the implementations run on")
     group.addoption("--bench-profile", default=None,
-                    help="grid of points: cpu, cuda or smoke (default: the device's)")
+                    help="grid of points: cpu, cuda, cuda-check or smoke (default: the device's)")
     group.addoption("--bench-no-memory", action="store_true",
                     help="skip the peak-memory measurement (quicker, for trying the suite)")
 

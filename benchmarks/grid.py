@@ -1,37 +1,38 @@
 """Which points each benchmark run measures (docs/benchmarks.md explains the choice).
 
-The full grid is implementation x mode x N x Q x dtype with N in {256, 1024, 4096},
-Q in {4096, 16384, 65536, 262144}, D = 128. A dense implementation (the reference, eager or
-compiled, and SupConLoss) materialises several N x Q tensors, so each profile has a budget on N*Q
-for them; points above it are listed in the results as skipped, with the reason, not dropped.
+A point is implementation x mode x N x Q x dtype x k, D = 128. Modes: `forward` (under
+torch.no_grad), `forward+backward` (the gradient of the query only: the MoCo / KCL training step,
+where the key comes from the momentum encoder and the queue is a buffer) and
+`forward+backward, all grads` (query, key and queue). A dense implementation (the loss users
+write, its compiled form, SupCon's form, SupConLoss, the reference) materialises several N x Q
+tensors, so each profile has a budget on N*Q for them; points above it are listed in the results
+as skipped, with the reason, not dropped.
 
-  cpu       N = 256 (MoCo's batch), Q up to 262144, float32: the kpos_loss implementations at k = 6
-            (the paper's setting; the compiled reference is skipped there, COMPILE_HASH_REASON)
-            and at k = -1 beside SupConLoss. Dense budget N*Q <= 2^24, about 0.7 GiB of N x Q
-            temporaries for the reference and seconds per call on two cores.
-  cuda      the full grid, float32 and bfloat16 for the fused kernels, k = 6, -1 (with SupConLoss)
-            and 0 (with inf-cl) at N = 256; the scaling run to Q = 1M. Dense budget N*Q <= 2^26.
-  cuda-quick  the GPU points that fit a short device slot (about 40, a minute or two): N = 256,
-            Q from 4096 to 1M for the fused kernels (float32, k = 6; bfloat16 at Q = 65536),
-            the dense implementations to Q = 65536, the peers at Q = 65536.
-  smoke     tiny shapes, every implementation, to check the suite itself in seconds.
+  cpu         `make bench`: N = 256 (MoCo's batch), Q from 4096 to 65536, float32, k = 6 (the
+              paper's) and k = -1, the fused op beside the dense loss users write (eager and
+              compiled), the chunked eager version of the same algorithm and, at k = -1, SupCon's
+              form and pytorch-metric-learning's SupConLoss; at Q = 65536 also all three
+              gradients, N = 1024 and bfloat16; the fused op alone to Q = 262144 (scaling).
+              Dense budget N*Q <= 2^26.
+  cuda        the whole GPU grid: N in {256, 1024, 4096}, Q to 262144 (1M for the scaling run),
+              float32 and bfloat16, k = 6, -1 and 0 (with inf-cl).
+  cuda-check  the GPU check script's profile (tools/gpu_check.sh), a few minutes: N = 256,
+              Q = 65536, bfloat16 and float32, k in {0, 6, -1}, the fused CUDA and Triton kernels
+              beside the dense loss eager and compiled and inf-cl (k = 0); then N = 4096. The
+              compiled points come first, so that a slow compilation is timed early.
+  smoke       tiny shapes, every implementation, to check the suite itself in seconds.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from benchmarks.impls import IMPLS
 
 D = 128
 MODES = ("forward", "forward+backward")
-DENSE = ("reference", "reference_compiled", "pml_supcon")
-# torch.compile of the reference at k > 0 (the selection hash: a long chain of 32-bit integer
-# ops that inductor fuses into one kernel) spends minutes in code generation on a small CPU.
-COMPILE_HASH_REASON = ("torch.compile of the k > 0 reference (its selection hash, fused by "
-                       "inductor into one C++ kernel) did not finish compiling the forward in "
-                       "15 minutes on the 2-core benchmark machine: above make bench's budget; "
-                       "the compiled reference runs at k = -1 on the CPU, at k = 6 on a GPU")
+GRADS = {"query": ("query",), "all": ("query", "key", "queue")}
+DENSE = ("reference", "dense", "dense_compiled", "supcon_mask", "supcon_mask_compiled",
+         "pml_supcon")
 SKIPPED: list[dict] = []   # points of this run not measured, with the reason (into the JSON)
 
 
@@ -45,11 +46,18 @@ class Case:
     dtype: str
     k: int
     classes: int = 1000
+    grads: str = "query"           # forward+backward: which inputs get a gradient (GRADS)
     skip: str | None = field(default=None, compare=False)
 
     @property
     def id(self) -> str:
-        return f"{self.impl}-{self.mode}-k{self.k}-N{self.n}-Q{self.q}-D{self.d}-{self.dtype}"
+        mode = self.mode if self.grads == "query" or self.mode == "forward" else \
+            f"{self.mode}-{self.grads}"
+        return f"{self.impl}-{mode}-k{self.k}-N{self.n}-Q{self.q}-D{self.d}-{self.dtype}"
+
+    @property
+    def grad_inputs(self) -> tuple[str, ...]:
+        return GRADS[self.grads]
 
 
 def _dense_budget_reason(impl: str, n: int, q: int, budget_log2: int) -> str | None:
@@ -59,47 +67,64 @@ def _dense_budget_reason(impl: str, n: int, q: int, budget_log2: int) -> str | N
     return None
 
 
-def _cases(impls, ns, qs, dtypes, k, budget_log2, classes=1000):
-    for impl in impls:
-        for dtype in dtypes:
-            for n in ns:
-                for q in qs:
-                    for mode in MODES:
-                        yield Case(impl, mode, n, q, D, dtype, k, classes,
-                                   _dense_budget_reason(impl, n, q, budget_log2))
+def _cases(impls, ns, qs, dtypes, ks, budget_log2, modes=MODES, grads="query", classes=1000):
+    for k in ks:
+        for impl in impls:
+            if not IMPLS[impl].supports_k(k):
+                continue
+            for dtype in dtypes:
+                for n in ns:
+                    for q in qs:
+                        for mode in modes:
+                            yield Case(impl, mode, n, q, D, dtype, k, classes, grads,
+                                       _dense_budget_reason(impl, n, q, budget_log2))
 
 
 def cases(profile: str) -> list[Case]:
+    users = ("dense", "dense_compiled", "chunked")
+    supcon = ("supcon_mask", "supcon_mask_compiled", "pml_supcon")
     if profile == "cpu":
-        qs = (4096, 16384, 65536, 262144)
-        out = list(_cases(("fused_cpu", "reference"), (256,), qs, ("float32",), 6, 24))
-        out += [dataclasses.replace(c, skip=COMPILE_HASH_REASON) for c in
-                _cases(("reference_compiled",), (256,), qs, ("float32",), 6, 24)]
-        out += _cases(("fused_cpu", "reference_compiled", "pml_supcon"), (256,), qs,
-                      ("float32",), -1, 24)
+        qs = (4096, 16384, 65536)
+        out = list(_cases(("fused_cpu",) + users, (256,), qs, ("float32",), (6, -1), 26))
+        out += _cases(supcon, (256,), qs, ("float32",), (-1,), 26)
+        out += _cases(("fused_cpu", "dense", "dense_compiled"), (256,), (65536,), ("float32",),
+                      (6, -1), 26, modes=("forward+backward",), grads="all")
+        out += _cases(("fused_cpu",) + users, (1024,), (65536,), ("float32",), (6, -1), 26,
+                      modes=("forward+backward",))
+        out += _cases(("fused_cpu", "dense", "dense_compiled"), (256,), (65536,), ("bfloat16",),
+                      (6,), 26,
+                      modes=("forward+backward",))
+        out += _cases(("fused_cpu",), (256,), (262144,), ("float32",), (6,), 26)
     elif profile == "cuda":
         ns, qs = (256, 1024, 4096), (4096, 16384, 65536, 262144)
         fused = ("cuda", "triton")
-        out = list(_cases(fused, ns, qs, ("float32", "bfloat16"), 6, 26))
-        out += _cases(("reference", "reference_compiled"), ns, qs, ("float32",), 6, 26)
-        out += _cases(fused + ("pml_supcon",), (256,), qs, ("float32",), -1, 26)
-        out += _cases(fused + ("inf_cl",), (256,), qs, ("float32",), 0, 26)
-        out += _cases(fused, (256,), (524288, 1048576), ("float32",), 6, 26)   # scaling run
-    elif profile == "cuda-quick":
+        out = list(_cases(fused + ("dense", "dense_compiled"), ns, qs, ("float32", "bfloat16"),
+                          (6,), 28))
+        out += _cases(fused + ("dense", "dense_compiled", "chunked") + supcon, (256,), qs,
+                      ("float32", "bfloat16"), (-1,), 28)
+        out += _cases(fused + ("dense", "inf_cl"), (256,), qs, ("float32", "bfloat16"), (0,), 28)
+        out += _cases(fused + ("dense", "dense_compiled"), (256,), (65536,), ("bfloat16",), (6,),
+                      28, modes=("forward+backward",), grads="all")
+        out += _cases(fused, (256,), (524288, 1048576), ("float32",), (6,), 28)  # scaling run
+    elif profile == "cuda-check":
         fused = ("cuda", "triton")
-        out = list(_cases(fused, (256,), (4096, 65536, 262144, 1048576), ("float32",), 6, 26))
-        out += _cases(fused, (256,), (65536,), ("bfloat16",), 6, 26)
-        out += _cases(("reference", "reference_compiled"), (256,), (4096, 65536), ("float32",),
-                      6, 26)
-        out += _cases(fused + ("pml_supcon",), (256,), (65536,), ("float32",), -1, 26)
-        out += _cases(fused + ("inf_cl",), (256,), (65536,), ("float32",), 0, 26)
+        # Compiled first: its compilation (first_call_s) is the slow, uncertain part.
+        out = list(_cases(("dense_compiled",), (256,), (65536,), ("bfloat16",), (6,), 28,
+                          modes=("forward+backward",)))
+        out += _cases(fused + ("dense",), (256,), (65536,), ("bfloat16", "float32"), (6, -1), 28)
+        out += _cases(fused + ("dense", "inf_cl"), (256,), (65536,), ("bfloat16",), (0,), 28)
+        out += _cases(fused + ("dense",), (4096,), (65536,), ("bfloat16",), (6,), 28,
+                      modes=("forward+backward",))
+        out += _cases(("dense_compiled",), (256,), (65536,), ("float32",), (6,), 28,
+                      modes=("forward+backward",))
     elif profile == "smoke":
         out = []
         for impl_name, impl in IMPLS.items():
-            # The compiled reference at k = -1: at k > 0 it takes minutes to compile on a CPU.
-            k = impl.ks[0] if impl.ks else (-1 if impl_name == "reference_compiled" else 6)
-            out += _cases((impl_name,), (8,), (64, 256), ("float32",), k, 30, classes=4)
+            k = impl.ks[0] if impl.ks else 6
+            out += _cases((impl_name,), (8,), (64, 256), ("float32",), (k,), 30, classes=4)
+        out += _cases(("fused_cpu", "dense"), (8,), (64,), ("float32",), (-1,), 30,
+                      modes=("forward+backward",), grads="all", classes=4)
     else:
         raise ValueError(
-            f"profile must be 'cpu', 'cuda', 'cuda-quick' or 'smoke', got {profile!r}")
+            f"profile must be 'cpu', 'cuda', 'cuda-check' or 'smoke', got {profile!r}")
     return out

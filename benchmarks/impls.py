@@ -6,11 +6,13 @@ and says why it cannot run here (missing GPU, backend or package) instead of fai
 implementations (the CUDA and Triton backends, inf-cl) plug in here; nothing else in the suite
 knows about them.
 
-The peers compute a related loss, and `benchmarks/peers.py` maps one onto the other exactly.
+Families: "kcl" (kpos_loss's own backends and its dense reference, the correctness yardstick),
+"user" (what users write instead: benchmarks/baselines.py, the yardsticks of the speed claims) and
+"peer" (other libraries: they compute a related loss, and `benchmarks/peers.py` maps one onto the
+other exactly).
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -28,10 +30,14 @@ class Impl:
     description: str
     devices: tuple[str, ...]
     ks: tuple[int, ...] | None          # the k it solves; None: every k
-    family: str                         # "kcl" (kpos_loss itself) or "peer"
+    family: str                         # "kcl", "user" or "peer" (see above)
     build: Callable[[int, str], Callable]   # (k, device) -> loss function
     needs: Callable[[str], str | None]      # device -> why it cannot run, or None
     logits_per_row: Callable[[int, int], int]  # (n, q) -> logits each query row computes
+    # (k, device) -> the loss function the agreement check runs, where it differs from the timed
+    # one (the dense user losses draw random positives; the check hands them kpos_loss's).
+    build_check: Callable[[int, str], Callable] | None = None
+    grads: tuple[str, ...] = ("query", "key", "queue")   # inputs it can differentiate
 
     def unavailable(self, device: str) -> str | None:
         if device not in self.devices:
@@ -62,19 +68,44 @@ def _kcl_backend(backend: str):
     return build
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_reference():
-    import kcl_ext
-    # dynamic=True: one graph for every N and Q, so a sweep over Q compiles once per mode.
-    return torch.compile(kcl_ext.kpos_loss_reference, dynamic=True)
+# ---------------------------------------------------------------------------------------------
+# What users write instead (benchmarks/baselines.py)
+# ---------------------------------------------------------------------------------------------
+def _build_dense(compiled: bool, with_selection: bool):
+    def build(k: int, device: str):
+        from benchmarks import baselines
+        fn = baselines.compiled(baselines.dense_loss) if compiled else baselines.dense_loss
+
+        def loss(query, key, queue, query_labels, queue_labels):
+            priorities = None
+            if with_selection and k > 0:
+                priorities = baselines.selection_priorities(query_labels, queue_labels, SEED)
+            return fn(query, key, queue, query_labels, queue_labels, k, TEMPERATURE, priorities)
+        return loss
+    return build
 
 
-def _build_compiled_reference(k: int, device: str):
-    compiled = _compiled_reference()
+def _build_supcon_mask(compiled: bool):
+    def build(k: int, device: str):
+        from benchmarks import baselines
+        fn = baselines.compiled(baselines.supcon_mask_loss) if compiled else \
+            baselines.supcon_mask_loss
+
+        def loss(query, key, queue, query_labels, queue_labels):
+            return fn(query, key, queue, query_labels, queue_labels, TEMPERATURE)
+        return loss
+    return build
+
+
+CHUNKED_TILE = 2048
+
+
+def _build_chunked(k: int, device: str):
+    from benchmarks import baselines
 
     def loss(query, key, queue, query_labels, queue_labels):
-        return compiled(query, key, queue, query_labels, queue_labels, k=k,
-                        temperature=TEMPERATURE, seed=SEED)
+        return baselines.chunked_loss(query, key, queue, query_labels, queue_labels, k,
+                                      TEMPERATURE, SEED, CHUNKED_TILE)
     return loss
 
 
@@ -138,10 +169,23 @@ def _build_inf_cl(k: int, device: str):
 
 
 IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
-    Impl("reference", "dense pure-PyTorch kpos_loss (kcl_ext.kpos_loss_reference), eager",
-         ("cpu", "cuda"), None, "kcl", _kcl_backend("reference"), _needs_nothing, _kcl_logits),
-    Impl("reference_compiled", "the same dense reference under torch.compile(dynamic=True)",
-         ("cpu", "cuda"), None, "kcl", _build_compiled_reference, _needs_nothing, _kcl_logits),
+    Impl("reference", "dense pure-PyTorch kpos_loss (kcl_ext.kpos_loss_reference), eager: the "
+         "correctness yardstick", ("cpu", "cuda"), None, "kcl", _kcl_backend("reference"),
+         _needs_nothing, _kcl_logits),
+    Impl("dense", "the dense loss users write (official KCL form: logits, same-class mask, topk "
+         "on random priorities, log_softmax, masked mean), eager", ("cpu", "cuda"), None, "user",
+         _build_dense(False, False), _needs_nothing, _kcl_logits,
+         build_check=_build_dense(False, True)),
+    Impl("dense_compiled", "the same dense loss under torch.compile(dynamic=True)",
+         ("cpu", "cuda"), None, "user", _build_dense(True, False), _needs_nothing, _kcl_logits,
+         build_check=_build_dense(True, True)),
+    Impl("supcon_mask", "SupCon's mask form of the dense loss (k = -1), eager", ("cpu", "cuda"),
+         (-1,), "user", _build_supcon_mask(False), _needs_nothing, _kcl_logits),
+    Impl("supcon_mask_compiled", "SupCon's mask form under torch.compile(dynamic=True)",
+         ("cpu", "cuda"), (-1,), "user", _build_supcon_mask(True), _needs_nothing, _kcl_logits),
+    Impl("chunked", f"kpos_loss's own algorithm in chunked eager PyTorch (queue tiles of "
+         f"{CHUNKED_TILE}, the query's gradient in the forward)", ("cpu", "cuda"), None, "user",
+         _build_chunked, _needs_nothing, _kcl_logits, grads=("query", "key")),
     Impl("fused_cpu", "kcl_ext.kpos_loss(backend='cpu'): the fused C++ CPU op",
          ("cpu",), None, "kcl", _kcl_backend("cpu"), _needs_kernel("CPU"), _kcl_logits),
     Impl("cuda", "kcl_ext.kpos_loss(backend='cuda'): the fused CUDA kernels",

@@ -1,7 +1,6 @@
 """One implementation of kpos_loss (or a peer), memory-measured and timed in this (fresh) process.
 
-Reads a JSON payload on stdin: impl (a name from benchmarks/impls.py, or the older "fused" /
-"reference"), n, q, d, k, dtype, mode ("forward" | "forward+backward"), grads (which of
+Reads a JSON payload on stdin: impl (a name from benchmarks/impls.py), n, q, d, k, dtype, mode ("forward" | "forward+backward"), grads (which of
 query/key/queue require grad; default: the query, as in MoCo), repeats (timed calls after the
 measured one; 0 for memory only), threads. Prints one JSON line: the peak extra resident memory of
 one call over the inputs, the loss, and the median time of the repeats.
@@ -20,9 +19,6 @@ import time
 import torch
 
 from benchmarks.cpu_memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
-
-LEGACY_NAMES = {"fused": "fused_cpu"}
-
 
 def make_inputs(n, q, d, dtype, classes=1000, seed=0, grads=("query",), device="cpu"):
     """Unit-norm random features and uniform labels over `classes` (all queue slots valid)."""
@@ -63,8 +59,7 @@ def measure(cfg: dict) -> dict:
     torch.set_num_threads(cfg.get("threads", torch.get_num_threads()))
     from benchmarks.impls import IMPLS
 
-    name = LEGACY_NAMES.get(cfg["impl"], cfg["impl"])
-    impl = IMPLS[name]
+    impl = IMPLS[cfg["impl"]]
     dtype = getattr(torch, cfg.get("dtype", "float32"))
     inputs = make_inputs(cfg["n"], cfg["q"], cfg["d"], dtype, cfg.get("classes", 1000),
                          grads=tuple(cfg.get("grads", ["query"])))

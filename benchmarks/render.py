@@ -3,8 +3,10 @@
   python -m benchmarks.render [--results benchmarks/results] [--readme README.md]
 
 For each benchmarks/results/<profile>.json: a table of time and peak extra memory against Q per
-implementation, the rates at the headline shape beside the run's ceilings, the fused-to-reference
-and fused-to-peer ratios, the scaling of the fused op in Q, and the plots
+implementation, the speed-ups of the fused op over what users write instead (the dense loss eager
+and compiled, SupCon's form, the chunked eager algorithm) and over the peers, measured in the same
+run, with its distance to the GEMM bound, the rates at the headline shape beside the run's
+ceilings, the scaling of the fused op in Q, and the plots
 benchmarks/results/<profile>_time_vs_q.png and <profile>_memory_vs_q.png. The README text between
 the two BENCHMARKS markers is replaced; everything else in the README is left as it is.
 """
@@ -22,8 +24,14 @@ HEADLINE = {"n": 256, "q": 65536, "d": 128, "dtype": "float32"}
 MODES = ("forward", "forward+backward")
 FUSED = ("fused_cpu", "cuda", "triton")
 LABEL = {"fused_cpu": "fused C++ (CPU)", "cuda": "fused CUDA", "triton": "fused Triton",
-         "reference": "reference, eager", "reference_compiled": "reference, torch.compile",
-         "pml_supcon": "PML SupConLoss", "inf_cl": "inf-cl"}
+         "reference": "reference (dense, eager)", "dense": "dense loss, eager",
+         "dense_compiled": "dense loss, torch.compile", "supcon_mask": "SupCon mask form, eager",
+         "supcon_mask_compiled": "SupCon mask form, torch.compile",
+         "chunked": "chunked eager (same algorithm)", "pml_supcon": "PML SupConLoss",
+         "inf_cl": "inf-cl"}
+# The speed-up table compares the fused op with these, in this order (those measured).
+OTHERS = ("dense", "dense_compiled", "supcon_mask", "supcon_mask_compiled", "chunked",
+          "pml_supcon", "inf_cl")
 
 
 def load(path: str) -> dict:
@@ -44,6 +52,19 @@ def _key(row) -> tuple:
     return (row["impl"], row["k"])
 
 
+def _grads(row) -> str:
+    return row.get("grads", "query")
+
+
+def _mode_label(row_or_mode, grads: str = "query") -> str:
+    mode = row_or_mode["mode"] if isinstance(row_or_mode, dict) else row_or_mode
+    if isinstance(row_or_mode, dict):
+        grads = _grads(row_or_mode)
+    if mode == "forward":
+        return "forward"
+    return "forward+backward (query)" if grads == "query" else "forward+backward (all grads)"
+
+
 def _series_name(impl: str, k: int) -> str:
     return f"{LABEL.get(impl, impl)}, k={k}"
 
@@ -57,9 +78,10 @@ def _ms(seconds) -> str:
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
-def _find(rows, impl, k, mode, **shape):
+def _find(rows, impl, k, mode, grads="query", **shape):
     for row in rows:
-        if (row["impl"], row["k"], row["mode"]) == (impl, k, mode) and all(
+        if (row["impl"], row["k"], row["mode"]) == (impl, k, mode) and \
+                (mode == "forward" or _grads(row) == grads) and all(
                 row[name] == value for name, value in shape.items()):
             return row
     return None
@@ -79,14 +101,16 @@ def _machine_line(run) -> str:
 
 
 def _time_memory_table(run, mode: str) -> list[str]:
-    rows = [r for r in run["rows"] if r["mode"] == mode and r["n"] == HEADLINE["n"]
-            and r["dtype"] == HEADLINE["dtype"]]
-    qs = sorted({r["q"] for r in rows} | {s["q"] for s in run["kcl"].get("skipped", [])
-                                          if s["mode"] == mode and s["n"] == HEADLINE["n"]})
-    series = sorted({_key(r) for r in rows} | {(s["impl"], s["k"]) for s in
-                                               run["kcl"].get("skipped", []) if s["mode"] == mode},
+    def wanted(r):
+        return (r["mode"] == mode and r["n"] == HEADLINE["n"] and r["dtype"] == HEADLINE["dtype"]
+                and (mode == "forward" or r.get("grads", "query") == "query"))
+
+    rows = [r for r in run["rows"] if wanted(r)]
+    skipped = [s for s in run["kcl"].get("skipped", []) if wanted(s)]
+    qs = sorted({r["q"] for r in rows} | {s["q"] for s in skipped})
+    series = sorted({_key(r) for r in rows} | {(s["impl"], s["k"]) for s in skipped},
                     key=lambda key: (key[1] != 6, key[0] not in FUSED, key[0]))
-    lines = [f"**{mode}**, N={HEADLINE['n']}, D={HEADLINE['d']}, {HEADLINE['dtype']}: "
+    lines = [f"**{_mode_label(mode)}**, N={HEADLINE['n']}, D={HEADLINE['d']}, {HEADLINE['dtype']}: "
              "median time in ms / peak extra memory in MiB", "",
              "| implementation | " + " | ".join(f"Q={q}" for q in qs) + " |",
              "|---|" + "---|" * len(qs)]
@@ -108,16 +132,20 @@ def _rates_table(run) -> list[str]:
              f"{HEADLINE['dtype']}, from counted FLOPs and bytes (docs/benchmarks.md); ceilings "
              f"measured in the same run: matmul {ceilings.get('matmul_gflops_float32', 0):.0f} "
              f"GFLOP/s ({ceilings.get('matmul_size', '?')}² float32), copy "
-             f"{ceilings.get('copy_gbps', 0):.1f} GB/s.", "",
+             f"{ceilings.get('copy_gbps', 0):.1f} GB/s" +
+             (f", in-cache GEMM {ceilings['in_cache_gemm_gflops_float32']:.0f} GFLOP/s "
+              f"({ceilings.get('in_cache_gemm_shape', '')})"
+              if ceilings.get("in_cache_gemm_gflops_float32") else "") + ".", "",
              "| implementation | mode | ms | GFLOP/s | % of matmul | GB/s | % of copy | "
              "checked against | max rel. error |", "|---|---|---|---|---|---|---|---|---|"]
     shape = {key: HEADLINE[key] for key in ("n", "q", "d", "dtype")}
     rows = [r for r in run["rows"] if all(r[key] == value for key, value in shape.items())]
-    rows.sort(key=lambda r: (r["mode"], r["k"] != 6, r["impl"] not in FUSED, r["impl"]))
+    rows.sort(key=lambda r: (r["mode"], _grads(r), r["k"] != 6, r["impl"] not in FUSED,
+                             r["impl"]))
     for r in rows:
         error = max(r.get("check_loss_error", 0), r.get("check_grad_error", 0))
         lines.append(
-            f"| {_series_name(r['impl'], r['k'])} | {r['mode']} | {_ms(r['median_s'])} | "
+            f"| {_series_name(r['impl'], r['k'])} | {_mode_label(r)} | {_ms(r['median_s'])} | "
             f"{r['gflops']:.1f} | {100 * r.get('fraction_of_matmul_ceiling', 0):.1f} | "
             f"{r['gbps']:.2f} | {100 * r.get('fraction_of_copy_ceiling', 0):.2f} | "
             f"{r.get('compared_with', '?')} | {error:.1e} |")
@@ -125,26 +153,32 @@ def _rates_table(run) -> list[str]:
 
 
 def ratios(run) -> list[dict]:
-    """Fused-to-other ratios of time and memory at the headline shape (below 1: fused is better)."""
-    shape = {key: HEADLINE[key] for key in ("n", "q", "d", "dtype")}
+    """Per measured point of a fused op: its time, each other implementation's time at the same
+    point (same run), the speed-up other / fused, the memory ratio fused / other, and the fused
+    time over the point's GEMM bound."""
     out = []
-    for mode in MODES:
-        for fused in FUSED:
-            for k, others in ((6, ("reference", "reference_compiled")),
-                              (-1, ("reference", "reference_compiled", "pml_supcon")),
-                              (0, ("inf_cl",))):
-                mine = _find(run["rows"], fused, k, mode, **shape)
-                if mine is None:
-                    continue
-                for other in others:
-                    theirs = _find(run["rows"], other, k, mode, **shape)
-                    if theirs is None:
-                        continue
-                    memory = None
-                    if mine.get("peak_extra_bytes") and theirs.get("peak_extra_bytes"):
-                        memory = mine["peak_extra_bytes"] / theirs["peak_extra_bytes"]
-                    out.append({"mode": mode, "k": k, "fused": fused, "other": other,
-                                "time": mine["median_s"] / theirs["median_s"], "memory": memory})
+    for mine in run["rows"]:
+        if mine["impl"] not in FUSED:
+            continue
+        shape = {key: mine[key] for key in ("n", "q", "d", "dtype")}
+        entry = {"fused": mine["impl"], "k": mine["k"], "mode": mine["mode"],
+                 "grads": _grads(mine), **shape, "time_s": mine["median_s"],
+                 "gemm_bound": (mine["median_s"] / mine["gemm_bound_s"]
+                                if mine.get("gemm_bound_s") else None), "others": {}}
+        for other in OTHERS:
+            theirs = _find(run["rows"], other, mine["k"], mine["mode"], _grads(mine), **shape)
+            if theirs is None:
+                continue
+            memory = None
+            if mine.get("peak_extra_bytes") and theirs.get("peak_extra_bytes"):
+                memory = mine["peak_extra_bytes"] / theirs["peak_extra_bytes"]
+            entry["others"][other] = {"time_s": theirs["median_s"],
+                                      "speedup": theirs["median_s"] / mine["median_s"],
+                                      "memory": memory}
+        if entry["others"] or entry["gemm_bound"]:
+            out.append(entry)
+    out.sort(key=lambda e: (e["fused"], e["dtype"] != "float32", e["n"], e["k"] != 6, e["k"],
+                            e["mode"], e["grads"], e["q"]))
     return out
 
 
@@ -152,14 +186,30 @@ def _ratio_lines(run) -> list[str]:
     found = ratios(run)
     if not found:
         return []
-    lines = [f"Fused-to-other ratios at N={HEADLINE['n']}, Q={HEADLINE['q']}, D={HEADLINE['d']}, "
-             f"{HEADLINE['dtype']}, same run (below 1: the fused op takes less):", "",
-             "| fused | compared with | k | mode | time ratio | peak memory ratio |",
-             "|---|---|---|---|---|---|"]
-    for r in found:
-        memory = "n/a" if r["memory"] is None else f"{r['memory']:.3g}"
-        lines.append(f"| {LABEL[r['fused']]} | {LABEL.get(r['other'], r['other'])} | {r['k']} | "
-                     f"{r['mode']} | {r['time']:.3g} | {memory} |")
+    others = [o for o in OTHERS if any(o in e["others"] for e in found)]
+    lines = ["Speed-up of the fused op over what users write instead, measured side by side in "
+             "this run (other's median time / fused median time; above 1: the fused op is "
+             "faster), and the fused time over the GEMM bound (the point's counted GEMM FLOPs at "
+             "the in-cache GEMM rate; 1 is the limit):", "",
+             "| fused | k | mode | N | Q | dtype | fused ms | " +
+             " | ".join(LABEL[o] for o in others) + " | fused / GEMM bound |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(others) + "---|"]
+    for e in found:
+        cells = [f"{e['others'][o]['speedup']:.2f}×" if o in e["others"] else "–"
+                 for o in others]
+        bound = f"{e['gemm_bound']:.2f}" if e["gemm_bound"] else "–"
+        lines.append(f"| {LABEL[e['fused']]} | {e['k']} | "
+                     f"{_mode_label(e['mode'], e['grads'])} | {e['n']} | {e['q']} | "
+                     f"{e['dtype']} | {_ms(e['time_s'])} | " + " | ".join(cells) +
+                     f" | {bound} |")
+    memory = [(e, o, v["memory"]) for e in found for o, v in e["others"].items()
+              if v["memory"] and e["q"] == HEADLINE["q"] and e["n"] == HEADLINE["n"]
+              and e["dtype"] == HEADLINE["dtype"] and e["grads"] == "query"]
+    if memory:
+        lines += ["", f"Peak extra memory, fused / other, at N={HEADLINE['n']}, "
+                      f"Q={HEADLINE['q']}, {HEADLINE['dtype']}: " +
+                  "; ".join(f"{LABEL[o]} k={e['k']} {e['mode']}: {m:.3g}"
+                            for e, o, m in memory) + "."]
     return lines
 
 
@@ -171,6 +221,7 @@ def scaling(run) -> list[dict]:
             for mode in MODES:
                 rows = sorted((r for r in run["rows"] if (r["impl"], r["k"], r["mode"]) ==
                                (fused, k, mode) and r["n"] == HEADLINE["n"]
+                               and _grads(r) == "query"
                                and r["dtype"] == HEADLINE["dtype"]), key=lambda r: r["q"])
                 if len(rows) < 2:
                     continue
@@ -203,7 +254,8 @@ def plot(run, out_prefix: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in run["rows"] if r["n"] == HEADLINE["n"] and r["dtype"] == HEADLINE["dtype"]]
+    rows = [r for r in run["rows"] if r["n"] == HEADLINE["n"] and r["dtype"] == HEADLINE["dtype"]
+            and _grads(r) == "query"]
     files = []
     for what, value, ylabel in (("time", lambda r: r["median_s"] * 1e3, "median time (ms)"),
                                 ("memory", lambda r: max(r.get("peak_extra_bytes") or 0, 2**10)
@@ -221,7 +273,8 @@ def plot(run, out_prefix: str) -> list[str]:
             axis.set_xscale("log", base=2)
             axis.set_yscale("log")
             axis.set_xlabel("queue size Q")
-            axis.set_title(f"{mode}, N={HEADLINE['n']}, D={HEADLINE['d']}, {HEADLINE['dtype']}")
+            axis.set_title(f"{_mode_label(mode)}, N={HEADLINE['n']}, D={HEADLINE['d']}, "
+                           f"{HEADLINE['dtype']}")
             axis.grid(True, which="both", alpha=0.3)
         axes[0].set_ylabel(ylabel)
         axes[1].legend(fontsize=8)
@@ -295,10 +348,11 @@ def main(argv=None):
         raise SystemExit(f"no benchmark results in {args.results}")
     update_readme(args.readme, section(runs, os.path.dirname(os.path.abspath(args.readme))))
     for run in runs:
-        for r in ratios(run):
-            print(f"{run['kcl'].get('device')}: {r['fused']} / {r['other']} k={r['k']} "
-                  f"{r['mode']}: time {r['time']:.3g}, memory "
-                  f"{'n/a' if r['memory'] is None else format(r['memory'], '.3g')}")
+        for e in ratios(run):
+            speedups = ", ".join(f"{o} {v['speedup']:.2f}x" for o, v in e["others"].items())
+            print(f"{run['kcl'].get('device')}: {e['fused']} k={e['k']} {e['mode']} "
+                  f"({e['grads']}) N={e['n']} Q={e['q']} {e['dtype']}: {speedups}"
+                  + (f"; {e['gemm_bound']:.2f} x GEMM bound" if e["gemm_bound"] else ""))
     print(f"rendered {len(runs)} result file(s) into {args.readme}")
 
 

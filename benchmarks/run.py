@@ -2,7 +2,7 @@
 
   python -m benchmarks.run --device cpu  --out benchmarks/results    # make bench (CPU subset)
   python -m benchmarks.run --device cuda --out DIR                   # the whole GPU grid
-  python -m benchmarks.run --device cuda --profile cuda-quick --out DIR   # a short device slot
+  python -m benchmarks.run --device cuda --profile cuda-check --out DIR   # tools/gpu_check.sh's
   python -m benchmarks.run --profile smoke --no-memory               # the suite itself, in seconds
 
 The JSON (pytest-benchmark's, plus a "kcl" section with device, commit, date, the ceilings and the
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--profile", choices=("cpu", "cuda", "cuda-quick", "smoke"), default=None,
+    p.add_argument("--profile", choices=("cpu", "cuda", "cuda-check", "smoke"), default=None,
                    help="grid of points (default: the device's; see benchmarks/grid.py)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
                    help="folder of the JSON result")

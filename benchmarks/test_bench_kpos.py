@@ -51,7 +51,7 @@ def _peak_memory(case, device: str, step) -> dict:
     result = run_in_fresh_process(loss_run.measure, {
         "impl": case.impl, "n": case.n, "q": case.q, "d": case.d, "k": case.k,
         "dtype": case.dtype, "mode": case.mode, "classes": case.classes, "repeats": 0,
-        "threads": torch.get_num_threads()}, timeout=600)
+        "grads": list(case.grad_inputs), "threads": torch.get_num_threads()}, timeout=900)
     return {"peak_extra_bytes": result["peak_extra_bytes"],
             "memory_method": "fresh forked process, ru_maxrss, " + result["memory_method"]}
 
@@ -61,14 +61,17 @@ def test_kpos_loss(benchmark, case, bench_device, ceilings, measure_memory):
     reason = case.skip or impl.unavailable(bench_device)
     if reason is None and not impl.supports_k(case.k):
         reason = f"{impl.name} computes only k in {impl.ks}"
+    grads = case.grad_inputs if case.mode == "forward+backward" else ()
+    if reason is None and not set(grads) <= set(impl.grads):
+        reason = f"{impl.name} differentiates only {', '.join(impl.grads)}"
     if reason:
         _skip(case, reason)
 
     benchmark.group = f"{case.mode} N={case.n} Q={case.q} D={case.d} {case.dtype}"
     dtype = getattr(torch, case.dtype)
-    inputs = make_inputs(case.n, case.q, case.d, dtype, case.classes, device=bench_device)
-    agreement = check_agreement(impl, inputs, case.k, case.mode == "forward+backward",
-                                bench_device)
+    inputs = make_inputs(case.n, case.q, case.d, dtype, case.classes, device=bench_device,
+                         grads=grads or ("query",))
+    agreement = check_agreement(impl, inputs, case.k, grads, bench_device)
 
     step = make_step(impl.build(case.k, bench_device), inputs, case.mode)
 
@@ -88,8 +91,8 @@ def test_kpos_loss(benchmark, case, bench_device, ceilings, measure_memory):
 
     median = benchmark.stats.stats.median
     logits = impl.logits_per_row(case.n, case.q)
-    flops = counted_flops(logits, case.n, case.d, case.mode)
-    nbytes = counted_bytes(logits, case.n, case.q, case.d, dtype, case.mode)
+    flops = counted_flops(logits, case.n, case.d, case.mode, grads)
+    nbytes = counted_bytes(logits, case.n, case.q, case.d, dtype, case.mode, grads)
     info = {**dataclasses.asdict(case), "device": bench_device, "description": impl.description,
             "logits_per_row": logits, "first_call_s": first_call, "median_s": median,
             "counted_flops": flops, "counted_bytes": nbytes,
@@ -99,6 +102,10 @@ def test_kpos_loss(benchmark, case, bench_device, ceilings, measure_memory):
     if matmul_ceiling:
         info["matmul_ceiling_gflops"] = matmul_ceiling
         info["fraction_of_matmul_ceiling"] = info["gflops"] / matmul_ceiling
+    gemm_rate = ceilings.get(f"in_cache_gemm_gflops_{case.dtype}")
+    if gemm_rate:
+        # The problem's GEMMs at the in-cache rate: the time no implementation can beat.
+        info["gemm_bound_s"] = flops / (gemm_rate * 1e9)
     if ceilings.get("copy_gbps"):
         info["copy_ceiling_gbps"] = ceilings["copy_gbps"]
         info["fraction_of_copy_ceiling"] = info["gbps"] / ceilings["copy_gbps"]

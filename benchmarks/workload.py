@@ -6,12 +6,19 @@ the ratio to the ceilings shows how far each is from the machine's limits.
 
   L = logits per query row (kpos_loss: Q + 1, SupConLoss: Q, inf-cl: N + Q)
   forward FLOPs           = 2 N L D                  (the logits; exp, log and sums not counted)
-  forward+backward FLOPs  = 2 N L D + 2 N L D        (the query gradient: one more N x L x D product)
+  forward+backward FLOPs  = 2 N L D + 2 N L D        (the query gradient: one more N x L x D
+                                                      product, P . keys)
+    with all three gradients: + 2 N L D              (the keys' gradient, P^T . query)
   forward bytes           = (N + C) D s + (N + Q) b  (query and the C = L columns' features, once,
                                                       labels of b bytes each)
   forward+backward bytes  = 2 x forward bytes + N D s (read again, write the query gradient)
+    with all three gradients: + (N + Q) D s          (write the key and queue gradients)
 with s the feature dtype's size. This is the traffic of an ideal two-pass implementation that reads
 each input once per pass and writes nothing of size N x L.
+
+The in-cache GEMM rate (CPU) is the rate of a small float32 product whose operands stay in cache
+(256 x 128 by 128 x 1024, one thread, repeated) times the number of threads: the rate a tiled
+kernel's products reach at best. The counted FLOPs at that rate are the `gemm_bound_s` of a point.
 """
 from __future__ import annotations
 
@@ -20,16 +27,22 @@ import time
 import torch
 
 
-def counted_flops(logits_per_row: int, n: int, d: int, mode: str) -> int:
-    forward = 2 * n * logits_per_row * d
-    return forward if mode == "forward" else 2 * forward
+def counted_flops(logits_per_row: int, n: int, d: int, mode: str,
+                  grads=("query",)) -> int:
+    product = 2 * n * logits_per_row * d
+    if mode == "forward":
+        return product
+    return product * (2 + (1 if set(grads) - {"query"} else 0))
 
 
 def counted_bytes(logits_per_row: int, n: int, q: int, d: int, dtype: torch.dtype, mode: str,
-                  label_bytes: int = 8) -> int:
+                  grads=("query",), label_bytes: int = 8) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     forward = (n + logits_per_row) * d * size + (n + q) * label_bytes
-    return forward if mode == "forward" else 2 * forward + n * d * size
+    if mode == "forward":
+        return forward
+    written = n * d * size + ((n + q) * d * size if set(grads) - {"query"} else 0)
+    return 2 * forward + written
 
 
 def _sync(device: str):
@@ -47,6 +60,25 @@ def _best_time(fn, device: str, repeats: int) -> float:
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def measure_in_cache_gemm(dtypes=(torch.float32,), repeats: int = 200) -> dict:
+    """The in-cache GEMM rate (see the module docstring), float32 only: the CPU kernel computes in
+    float32 whatever the input dtype."""
+    threads = torch.get_num_threads()
+    a, b = torch.randn(256, 128), torch.randn(128, 1024)
+    out = torch.empty(256, 1024)
+    torch.set_num_threads(1)
+    try:
+        seconds = _best_time(lambda: [torch.mm(a, b, out=out) for _ in range(repeats)], "cpu", 5)
+    finally:
+        torch.set_num_threads(threads)
+    rate = 2 * 256 * 128 * 1024 * repeats / seconds / 1e9 * threads
+    result = {"in_cache_gemm_shape": "256x128 @ 128x1024 float32, 1 thread, times the threads",
+              "in_cache_gemm_threads": threads}
+    for dtype in dtypes:
+        result[f"in_cache_gemm_gflops_{str(dtype).removeprefix('torch.')}"] = rate
+    return result
 
 
 def measure_ceilings(device: str, dtypes=(torch.float32,)) -> dict:
@@ -68,6 +100,8 @@ def measure_ceilings(device: str, dtypes=(torch.float32,)) -> dict:
                 torch.backends.cuda.matmul.allow_tf32 = allowed
             result["matmul_gflops_tf32"] = 2 * n**3 / seconds / 1e9
         del a, b
+    if device == "cpu":
+        result.update(measure_in_cache_gemm(dtypes))
     copy_bytes = (256 if device == "cpu" else 2048) * 2**20
     src = torch.ones(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)

@@ -80,14 +80,30 @@ def test_inf_cl_rows_follow_exactly_from_kpos_rows():
                                atol=1e-9)
 
 
-@pytest.mark.parametrize("name,k,with_grad", [
-    ("fused_cpu", 6, True), ("fused_cpu", -1, False), ("reference", 6, True),
-    ("pml_supcon", -1, False)])
-def test_agreement_check_passes_on_correct_implementations(name, k, with_grad):
+@pytest.mark.parametrize("name,k,grads", [
+    ("fused_cpu", 6, ("query",)), ("fused_cpu", -1, ()), ("reference", 6, ("query",)),
+    ("pml_supcon", -1, ()), ("dense", 6, ("query", "key", "queue")), ("dense", -1, ("query",)),
+    ("supcon_mask", -1, ("query",)), ("chunked", 6, ("query", "key")), ("chunked", -1, ()),
+    ("fused_cpu", 0, ("query", "key", "queue"))])
+def test_agreement_check_passes_on_correct_implementations(name, k, grads):
     inputs = make_inputs(80, 512, 32, torch.float32, classes=9)
-    report = check_agreement(IMPLS[name], inputs, k, with_grad, "cpu")
+    report = check_agreement(IMPLS[name], inputs, k, grads, "cpu")
     assert report["check_rows"] == 64
     assert report["check_loss_error"] <= report["check_tolerance"]
+    if grads:
+        assert report["check_grad_error"] <= report["check_tolerance"]
+
+
+def test_dense_user_loss_draws_random_positives_when_timed():
+    # The timed dense loss picks its own random positives (topk on random priorities): its value
+    # differs from kpos_loss's at k > 0, which is why the check hands it kpos_loss's selection.
+    inputs = make_inputs(64, 512, 32, torch.float32, classes=3)
+    with torch.no_grad():
+        timed = IMPLS["dense"].build(6, "cpu")(*inputs)
+        checked = IMPLS["dense"].build_check(6, "cpu")(*inputs)
+        fused = kcl_ext.kpos_loss(*inputs, k=6, temperature=TEMPERATURE, seed=SEED)
+    assert torch.allclose(checked, fused, rtol=1e-5) and not torch.allclose(timed, fused,
+                                                                             rtol=1e-5)
 
 
 def test_agreement_check_fails_on_a_wrong_implementation():
@@ -100,48 +116,72 @@ def test_agreement_check_fails_on_a_wrong_implementation():
     wrong = dataclasses.replace(IMPLS["fused_cpu"], name="wrong", build=wrong_build)
     inputs = make_inputs(16, 256, 32, torch.float32, classes=5)
     with pytest.raises(AssertionError, match="relative error"):
-        check_agreement(wrong, inputs, 6, True, "cpu")
+        check_agreement(wrong, inputs, 6, ("query",), "cpu")
 
 
 def test_work_counting():
     n, q, d = 256, 65536, 128
     assert counted_flops(q + 1, n, d, "forward") == 2 * n * (q + 1) * d
     assert counted_flops(q + 1, n, d, "forward+backward") == 4 * n * (q + 1) * d
+    assert counted_flops(q + 1, n, d, "forward+backward", ("query", "key", "queue")) == \
+        6 * n * (q + 1) * d
     forward = (n + q + 1) * d * 4 + (n + q) * 8
     assert counted_bytes(q + 1, n, q, d, torch.float32, "forward") == forward
     assert counted_bytes(q + 1, n, q, d, torch.bfloat16, "forward+backward") == (
         2 * ((n + q + 1) * d * 2 + (n + q) * 8) + n * d * 2)
+    assert counted_bytes(q + 1, n, q, d, torch.float32, "forward+backward", ("query", "key")) == (
+        2 * forward + n * d * 4 + (n + q) * d * 4)
 
 
-def test_cpu_grid_skips_dense_points_above_budget_with_a_reason():
+def test_cpu_grid_compares_with_what_users_write():
     points = grid.cases("cpu")
-    dense_big = [c for c in points if c.impl in grid.DENSE and c.n * c.q > 2**24]
-    assert dense_big and all("budget" in c.skip for c in dense_big)
+    assert all(c.skip is None for c in points)        # the CPU budget holds every dense point
     fused = [c for c in points if c.impl == "fused_cpu" and c.k == 6]
-    assert max(c.q for c in fused) == 262144 and all(c.skip is None for c in fused)
-    assert {c.impl for c in points} == {"fused_cpu", "reference", "reference_compiled",
-                                        "pml_supcon"}
+    assert max(c.q for c in fused) == 262144
+    assert {c.impl for c in points} == {"fused_cpu", "dense", "dense_compiled", "chunked",
+                                        "supcon_mask", "supcon_mask_compiled", "pml_supcon"}
+    # every fused point of the headline shapes has the dense loss, eager and compiled, beside it
+    for c in fused:
+        if c.q <= 65536:
+            for other in ("dense", "dense_compiled"):
+                assert dataclasses.replace(c, impl=other) in points, (c, other)
+    assert {c.grads for c in points if c.mode == "forward+backward"} == {"query", "all"}
+
+
+def test_dense_points_above_the_budget_are_skipped_with_a_reason():
+    points = grid.cases("cuda")
+    dense_big = [c for c in points if c.impl in grid.DENSE and c.n * c.q > 2**28]
+    assert dense_big and all("budget" in c.skip for c in dense_big)
+
+
+def test_gpu_check_profile_times_the_compiled_dense_loss_first():
+    points = grid.cases("cuda-check")
+    assert points[0].impl == "dense_compiled" and points[0].dtype == "bfloat16"
+    assert {(c.n, c.q, c.d) for c in points} == {(256, 65536, 128), (4096, 65536, 128)}
+    assert {c.k for c in points} == {0, 6, -1}
+    assert {"cuda", "triton", "dense", "dense_compiled", "inf_cl"} == {c.impl for c in points}
 
 
 def _fake_run(tmp_path):
     benchmarks = []
-    for impl, k in (("fused_cpu", 6), ("reference", 6), ("fused_cpu", -1), ("pml_supcon", -1)):
+    for impl, k in (("fused_cpu", 6), ("dense", 6), ("fused_cpu", -1), ("pml_supcon", -1)):
         for q in (4096, 65536):
             for mode in ("forward", "forward+backward"):
                 slow = 1 if impl == "fused_cpu" else 3
                 benchmarks.append({"stats": {"median": 1e-6 * q * slow, "iqr": 0.0, "rounds": 3},
                                    "extra_info": {
                     "impl": impl, "k": k, "mode": mode, "n": 256, "q": q, "d": 128,
-                    "dtype": "float32", "gflops": 1.0, "gbps": 1.0,
+                    "dtype": "float32", "grads": "query", "gflops": 1.0, "gbps": 1.0,
                     "fraction_of_matmul_ceiling": 0.01, "fraction_of_copy_ceiling": 0.1,
+                    "gemm_bound_s": 0.5e-6 * q,
                     "peak_extra_bytes": 2**20 * (1 if impl == "fused_cpu" else q // 1024),
                     "compared_with": "reference", "check_loss_error": 1e-7}})
     data = {"benchmarks": benchmarks, "machine_info": {"cpu_model": "test cpu", "torch_threads": 2},
             "kcl": {"device": "cpu", "commit": "0123456789abcdef", "date_utc": "2026-01-01",
                     "ceilings": {"matmul_gflops_float32": 100.0, "copy_gbps": 10.0},
-                    "skipped": [{"impl": "reference", "k": 6, "mode": "forward", "n": 256,
-                                 "q": 262144, "reason": "dense N x Q implementation above "
-                                                        "this run's budget"}]}}
+                    "skipped": [{"impl": "dense", "k": 6, "mode": "forward", "n": 256,
+                                 "q": 262144, "dtype": "float32", "grads": "query",
+                                 "reason": "dense N x Q implementation above this run's budget"}]}}
     path = tmp_path / "cpu.json"
     path.write_text(json.dumps(data))
     return path
@@ -155,11 +195,16 @@ def test_render_writes_table_ratios_and_plots(tmp_path):
     text = readme.read_text()
     assert text.startswith("# project\n\nintro\n") and render.BEGIN in text
     assert "commit `0123456789`" in text and "skipped" in text
-    # fused / reference at Q=65536 is 1/3 in time and 1/64 in memory, as put in the fake run
+    # the dense loss takes 3x the fused op and 64x its memory at Q=65536, as put in the fake run;
+    # the fused op is at twice its GEMM bound
     run = render.load(str(tmp_path / "cpu.json"))
-    found = {(r["other"], r["k"], r["mode"]): r for r in render.ratios(run)}
-    assert found[("reference", 6, "forward")]["time"] == pytest.approx(1 / 3)
-    assert found[("pml_supcon", -1, "forward+backward")]["memory"] == pytest.approx(1 / 64)
+    found = {(e["k"], e["mode"], e["q"]): e for e in render.ratios(run)}
+    headline = found[(6, "forward", 65536)]
+    assert headline["others"]["dense"]["speedup"] == pytest.approx(3)
+    assert headline["gemm_bound"] == pytest.approx(2)
+    assert found[(-1, "forward+backward", 65536)]["others"]["pml_supcon"]["memory"] == \
+        pytest.approx(1 / 64)
+    assert "3.00×" in text
     assert (tmp_path / "cpu_time_vs_q.png").stat().st_size > 0
     assert (tmp_path / "cpu_memory_vs_q.png").stat().st_size > 0
     render.main(["--results", str(tmp_path), "--readme", str(readme)])   # idempotent
