@@ -133,8 +133,10 @@ def _rates_table(run) -> list[str]:
              f"measured in the same run: matmul {ceilings.get('matmul_gflops_float32', 0):.0f} "
              f"GFLOP/s ({ceilings.get('matmul_size', '?')}² float32), copy "
              f"{ceilings.get('copy_gbps', 0):.1f} GB/s" +
-             (f", in-cache GEMM {ceilings['in_cache_gemm_gflops_float32']:.0f} GFLOP/s "
-              f"({ceilings.get('in_cache_gemm_shape', '')})"
+             (f", in-cache GEMM {ceilings['in_cache_gemm_gflops_float32']:.0f} GFLOP/s float32" +
+              (f", {ceilings['in_cache_gemm_gflops_bfloat16']:.0f} GFLOP/s bfloat16"
+               if ceilings.get("in_cache_gemm_gflops_bfloat16") else "") +
+              f" ({ceilings.get('in_cache_gemm_shape', '')})"
               if ceilings.get("in_cache_gemm_gflops_float32") else "") + ".", "",
              "| implementation | mode | ms | GFLOP/s | % of matmul | GB/s | % of copy | "
              "checked against | max rel. error |", "|---|---|---|---|---|---|---|---|---|"]

@@ -16,7 +16,7 @@ the ratio to the ceilings shows how far each is from the machine's limits.
 with s the feature dtype's size. This is the traffic of an ideal two-pass implementation that reads
 each input once per pass and writes nothing of size N x L.
 
-The in-cache GEMM rate (CPU) is the rate of a small float32 product whose operands stay in cache
+The in-cache GEMM rate (CPU) is the rate of a small product (float32; bfloat16 for bfloat16 points) whose operands stay in cache
 (256 x 128 by 128 x 1024, one thread, repeated) times the number of threads: the rate a tiled
 kernel's products reach at best. The counted FLOPs at that rate are the `gemm_bound_s` of a point.
 """
@@ -63,21 +63,28 @@ def _best_time(fn, device: str, repeats: int) -> float:
 
 
 def measure_in_cache_gemm(dtypes=(torch.float32,), repeats: int = 200) -> dict:
-    """The in-cache GEMM rate (see the module docstring), float32 only: the CPU kernel computes in
-    float32 whatever the input dtype."""
+    """The in-cache GEMM rate (see the module docstring) per dtype: float32 products for float32
+    (and float16, which the CPU kernel computes in float32), bfloat16 products for bfloat16 (the
+    CPU kernel's bfloat16 path multiplies bfloat16 tiles with float32 accumulation, on the
+    matrix units where the CPU has them)."""
     threads = torch.get_num_threads()
-    a, b = torch.randn(256, 128), torch.randn(128, 1024)
-    out = torch.empty(256, 1024)
-    torch.set_num_threads(1)
-    try:
-        seconds = _best_time(lambda: [torch.mm(a, b, out=out) for _ in range(repeats)], "cpu", 5)
-    finally:
-        torch.set_num_threads(threads)
-    rate = 2 * 256 * 128 * 1024 * repeats / seconds / 1e9 * threads
-    result = {"in_cache_gemm_shape": "256x128 @ 128x1024 float32, 1 thread, times the threads",
+    result = {"in_cache_gemm_shape": "256x128 @ 128x1024 in the dtype, 1 thread, times the threads",
               "in_cache_gemm_threads": threads}
+    rates = {}
     for dtype in dtypes:
-        result[f"in_cache_gemm_gflops_{str(dtype).removeprefix('torch.')}"] = rate
+        gemm_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        if gemm_dtype not in rates:
+            a = torch.randn(256, 128).to(gemm_dtype)
+            b = torch.randn(128, 1024).to(gemm_dtype)
+            out = torch.empty(256, 1024, dtype=gemm_dtype)
+            torch.set_num_threads(1)
+            try:
+                seconds = _best_time(lambda: [torch.mm(a, b, out=out) for _ in range(repeats)],
+                                     "cpu", 5)
+            finally:
+                torch.set_num_threads(threads)
+            rates[gemm_dtype] = 2 * 256 * 128 * 1024 * repeats / seconds / 1e9 * threads
+        result[f"in_cache_gemm_gflops_{str(dtype).removeprefix('torch.')}"] = rates[gemm_dtype]
     return result
 
 

@@ -15,7 +15,7 @@ from benchmarks import grid, peers, render
 from benchmarks.agreement import check_agreement
 from benchmarks.impls import IMPLS, SEED, TEMPERATURE
 from benchmarks.loss_run import make_inputs
-from benchmarks.workload import counted_bytes, counted_flops
+from benchmarks.workload import counted_bytes, counted_flops, measure_in_cache_gemm
 
 
 def _inputs(n=12, q=300, d=16, classes=7, dtype=torch.float64, seed=3):
@@ -209,3 +209,15 @@ def test_render_writes_table_ratios_and_plots(tmp_path):
     assert (tmp_path / "cpu_memory_vs_q.png").stat().st_size > 0
     render.main(["--results", str(tmp_path), "--readme", str(readme)])   # idempotent
     assert readme.read_text() == text
+
+
+def test_in_cache_gemm_rate_is_measured_in_the_points_dtype():
+    """bfloat16 points are bounded by a bfloat16 product's rate (the CPU kernel's bfloat16 path),
+    float16 and float32 points by float32's; the measurement restores the thread count."""
+    threads = torch.get_num_threads()
+    rates = measure_in_cache_gemm((torch.float32, torch.float16, torch.bfloat16), repeats=2)
+    assert torch.get_num_threads() == threads
+    assert rates["in_cache_gemm_threads"] == threads
+    assert rates["in_cache_gemm_gflops_float16"] == rates["in_cache_gemm_gflops_float32"] > 0
+    assert rates["in_cache_gemm_gflops_bfloat16"] > 0
+    assert rates["in_cache_gemm_gflops_bfloat16"] != rates["in_cache_gemm_gflops_float32"]
