@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
-import subprocess
 
 import pytest
 import torch
 
 from benchmarks import grid
+from benchmarks.provenance import cpu_model, git_commit, uncommitted_changes
 from benchmarks.workload import measure_ceilings
 
 _STATE: dict = {}
@@ -60,30 +59,10 @@ def ceilings(pytestconfig, bench_device) -> dict:
     return _STATE["ceilings"]
 
 
-def _git(*args) -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def pytest_benchmark_update_machine_info(config, machine_info):
     import kcl_ext
     machine_info.update({
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": list(os.getloadavg()),
@@ -100,8 +79,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["kcl"] = {
         "device": config.getoption("--bench-device"),
         "profile": _profile(config),
-        "commit": _git("rev-parse", "HEAD"),
-        "commit_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": git_commit(),
+        "commit_dirty": uncommitted_changes(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_at_end": list(os.getloadavg()),
         "ceilings": _STATE.get("ceilings", {}),

@@ -31,9 +31,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
@@ -41,7 +39,7 @@ import torch
 import kcl_ext
 from benchmarks import baselines
 from benchmarks.loss_run import make_inputs
-from benchmarks.provenance import git_commit
+from benchmarks.provenance import cpu_model, git_commit
 
 TEMPERATURE = 0.07
 SEED = 1234
@@ -51,13 +49,7 @@ GEMM_SHAPE = (128, 1024, 128)   # M, N, K of the rate probe
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                     if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def gemm_rate_per_thread(seconds: float = 0.05) -> float:

@@ -26,6 +26,8 @@ import xml.etree.ElementTree as ElementTree
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.provenance import git, uncommitted_changes  # noqa: E402  (after the path)
+
 # The H200 targets (docs/benchmarks.md): N=256, Q=65536, D=128, forward+backward of the query.
 TARGETS = [
     # (name, fused, other, k, dtype, n, needed speed-up)
@@ -161,15 +163,10 @@ def _json(out: str, name: str):
         return {"error": f"{name} unreadable: {error}"}
 
 
-def _git(*args) -> str | None:
-    return _run("git", "-C", ROOT, *args)
-
-
 def report(out: str, total_seconds: int | None) -> dict:
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
     result = {
-        "commit": _git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(dirty) if dirty is not None else None,
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": uncommitted_changes(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dry_run": os.environ.get("KCL_GPU_DRY_RUN") == "1",
         "total_seconds": total_seconds,
