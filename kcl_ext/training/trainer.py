@@ -427,6 +427,22 @@ class Trainer:
             kdist.average_in_place(self.bn_buffers)
         return loss
 
+    def _step_done(self, stage: str, loss: torch.Tensor, lr: float, meter) -> None:
+        """After each training step of either stage: log the loss, advance the progress meter
+        and the step counters (checkpoints and stops happen there)."""
+        self._log_loss(stage, loss, lr)
+        meter.step()
+        self._after_step()
+
+    def _epoch_done(self, stage: str, loss_sum: torch.Tensor, steps: int, lr: float,
+                    meter) -> None:
+        """After each epoch of either stage: the mean loss over every process (one host sync),
+        the progress line, the finiteness check and the timing record."""
+        mean_loss = float(kdist.mean_over_processes(loss_sum)) / steps if steps else None
+        stats = meter.finish(loss=mean_loss, lr=lr)
+        self._check_finite(stage, mean_loss, lr)
+        self.log.write_timing({"stage": stage, "epoch": self.epoch, **stats}, self.global_step)
+
     def stage1_epoch(self) -> None:
         s1 = self.cfg["stage1"]
         batches = kdata.shuffled_batches(len(self.stage1_views), s1["batch_size"],
@@ -444,14 +460,8 @@ class Trainer:
             loss = self.stage1_step(item)
             loss_sum += loss
             steps += 1
-            self._log_loss("stage1", loss, lr)
-            meter.step()
-            self._after_step()
-        mean_loss = float(kdist.mean_over_processes(loss_sum)) / steps if steps else None
-        stats = meter.finish(loss=mean_loss, lr=lr)
-        self._check_finite("stage1", mean_loss, lr)
-        self.log.write_timing({"stage": "stage1", "epoch": self.epoch, **stats},
-                              self.global_step)
+            self._step_done("stage1", loss, lr, meter)
+        self._epoch_done("stage1", loss_sum, steps, lr, meter)
         self._end_epoch(s1["epochs"], "stage2")
 
     def _backward_step(self, loss: torch.Tensor) -> None:
@@ -529,14 +539,8 @@ class Trainer:
             loss = probe.step(inputs, labels)
             loss_sum += loss
             steps += 1
-            self._log_loss("stage2", loss, lr)
-            meter.step()
-            self._after_step()
-        mean_loss = float(kdist.mean_over_processes(loss_sum)) / steps if steps else None
-        stats = meter.finish(loss=mean_loss, lr=lr)
-        self._check_finite("stage2", mean_loss, lr)
-        self.log.write_timing({"stage": "stage2", "epoch": self.epoch, **stats},
-                              self.global_step)
+            self._step_done("stage2", loss, lr, meter)
+        self._epoch_done("stage2", loss_sum, steps, lr, meter)
         every = self.cfg["eval"]["every_epochs"]
         if every and (self.epoch + 1) % every == 0:
             self.periodic_evaluation()
