@@ -295,22 +295,27 @@ def parse_split_line(list_file: str, lineno: int, text: str) -> tuple[str, int]:
     return parts[0], int(parts[1])
 
 
+def split_list_lines(list_file: str):
+    """(line number, stripped text) of every non-blank line of a split list."""
+    with open(list_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            text = line.strip()
+            if text:
+                yield lineno, text
+
+
 def read_split_list(list_file: str, root: str, check_files: bool = True) -> list[tuple[str, int]]:
     """Lines `relative/path label`; blank lines are skipped. Errors name the file and line."""
     if not os.path.isfile(list_file):
         raise MissingFileError(f"split list {list_file} not found")
     entries = []
-    with open(list_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            text = line.strip()
-            if not text:
-                continue
-            relative, label = parse_split_line(list_file, lineno, text)
-            path = os.path.join(root, relative)
-            if check_files and not os.path.isfile(path):
-                raise MissingFileError(f"{list_file}:{lineno}: image {relative!r} not found "
-                                       f"under {root}{missing_image_hint(root, relative)}")
-            entries.append((path, label))
+    for lineno, text in split_list_lines(list_file):
+        relative, label = parse_split_line(list_file, lineno, text)
+        path = os.path.join(root, relative)
+        if check_files and not os.path.isfile(path):
+            raise MissingFileError(f"{list_file}:{lineno}: image {relative!r} not found "
+                                   f"under {root}{missing_image_hint(root, relative)}")
+        entries.append((path, label))
     if not entries:
         raise DataError(f"{list_file}: no entries")
     return entries

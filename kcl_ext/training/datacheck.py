@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import decode_image_file, missing_image_hint, parse_split_line
+from .data import decode_image_file, missing_image_hint, parse_split_line, split_list_lines
 from .errors import DataError, MissingFileError
 
 
@@ -144,39 +144,35 @@ def check_split_list(list_file: str, image_root: str, split: str, *,
         return report, {}
     seen: dict[str, int] = {}
     labels = []
-    with open(list_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                relative, label = parse_split_line(list_file, lineno, text)
-            except DataError as e:
-                report.problems.append(str(e))
-                continue
-            where = f"{list_file}:{lineno}"
-            if num_classes is not None and label >= num_classes:
-                report.problems.append(f"{where}: label {label} is outside [0, {num_classes}) "
-                                       f"(data.num_classes = {num_classes})")
-            if relative in seen:
-                report.problems.append(f"{where}: image {relative!r} is already listed on line "
-                                       f"{seen[relative]}")
-                continue
-            seen[relative] = lineno
-            if train_paths is not None and relative in train_paths:
-                report.problems.append(f"{where}: image {relative!r} is also in the train list "
-                                       f"({train_list}:{train_paths[relative]})")
-            labels.append(label)
-            if check_images:
-                path = os.path.join(image_root, relative)
-                if not os.path.isfile(path):
-                    report.problems.append(f"{where}: image {relative!r} not found under "
-                                           f"{image_root}{missing_image_hint(image_root, relative)}")
-                elif decode:
-                    try:
-                        decode_image_file(path)
-                    except DataError as e:
-                        report.problems.append(f"{where}: {e}")
+    for lineno, text in split_list_lines(list_file):
+        try:
+            relative, label = parse_split_line(list_file, lineno, text)
+        except DataError as e:
+            report.problems.append(str(e))
+            continue
+        where = f"{list_file}:{lineno}"
+        if num_classes is not None and label >= num_classes:
+            report.problems.append(f"{where}: label {label} is outside [0, {num_classes}) "
+                                   f"(data.num_classes = {num_classes})")
+        if relative in seen:
+            report.problems.append(f"{where}: image {relative!r} is already listed on line "
+                                   f"{seen[relative]}")
+            continue
+        seen[relative] = lineno
+        if train_paths is not None and relative in train_paths:
+            report.problems.append(f"{where}: image {relative!r} is also in the train list "
+                                   f"({train_list}:{train_paths[relative]})")
+        labels.append(label)
+        if check_images:
+            path = os.path.join(image_root, relative)
+            if not os.path.isfile(path):
+                report.problems.append(f"{where}: image {relative!r} not found under "
+                                       f"{image_root}{missing_image_hint(image_root, relative)}")
+            elif decode:
+                try:
+                    decode_image_file(path)
+                except DataError as e:
+                    report.problems.append(f"{where}: {e}")
     if not labels:
         report.problems.append(f"{list_file}: no entries")
         return report, seen
