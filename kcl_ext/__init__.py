@@ -1,4 +1,5 @@
 """kcl_ext: fused k-positive contrastive loss (KCL) for PyTorch."""
+from ._backend_choice import resolve_backend, time_backends
 from .memory_bank import MemoryBank
 from .ops import BACKENDS, KPositiveContrastiveLoss, kpos_loss, sample_positives
 from .reference import kpos_loss_reference, sample_positives_reference
@@ -11,6 +12,8 @@ __all__ = [
     "MemoryBank",
     "kpos_loss",
     "kpos_loss_reference",
+    "resolve_backend",
     "sample_positives",
     "sample_positives_reference",
+    "time_backends",
 ]

@@ -1,37 +1,29 @@
-"""backend="auto" on a CUDA device: the CUDA kernels or the Triton kernels, whichever is faster.
+"""backend="auto": which backend `kpos_loss` runs, decided from the inputs alone.
 
 The rule (docs/cuda_kernels.md, "Choosing the backend"):
 
-1. `KCL_EXT_BACKEND=cuda|triton|reference` in the environment fixes the choice for CUDA inputs
-   (an explicit `backend=` argument always wins over it).
-2. If only one of the two is available (the CUDA kernels are compiled in, `kcl_ext.triton`
-   imports), that one is used.
-3. Otherwise the first call for a (device, dtype, shape bucket, which inputs get a gradient) key
-   times both, forward plus the backward that the call will need, with a fixed seed (the
-   default generator is not touched), one warm-up and the median of three timed runs, and caches
-   the faster; a tie goes to "cuda". Shape buckets round N, Q and D up to powers of two. Every
-   later call with that key reuses the cached choice, so the choice is fixed for the rest of the
-   process.
-4. A backend that raises while it is timed (a kernel that does not compile on this GPU or
-   toolkit, a dtype it cannot take) is left out of that key's choice with a warning that says
-   why, and the other one is used; if both raise, the call fails with both errors.
-5. While torch.compile traces (no real tensors to time), a key without a cached choice takes the
-   preference order ("cuda", then "triton").
+1. CPU tensors: the C++ CPU kernel ("cpu").
+2. CUDA tensors: `KCL_EXT_BACKEND=cuda|triton|reference` in the environment, if set (an explicit
+   `backend=` argument always wins over it); else the CUDA kernels when the library was built with
+   them; else the Triton kernels when `kcl_ext.triton` imports; else a ValueError that says how to
+   get one.
+
+Nothing is timed, cached or synchronised: the same inputs pick the same backend in every run, on
+every DDP rank, inside a CUDA-graph capture and while torch.compile traces. `resolve_backend`
+says which backend a call would run; `time_backends` measures the candidates on the caller's
+inputs, an explicit opt-in whose winner is then passed as `backend=`.
 """
 from __future__ import annotations
 
 import os
 import statistics
-import warnings
+import time
 
 import torch
 
 ENV_VAR = "KCL_EXT_BACKEND"
 PREFERENCE = ("cuda", "triton")
-TIMED_REPEATS = 3
-_TIMING_SEED = 0
-
-_choices: dict[tuple, str] = {}
+CHOICES = ("auto", "cpu", "cuda", "triton", "reference")
 
 
 def cuda_kernels_available() -> bool:
@@ -48,101 +40,137 @@ def triton_available() -> bool:
 
 
 def available_backends() -> list[str]:
+    """The CUDA-device backends of this installation, in the order "auto" prefers them."""
     found = {"cuda": cuda_kernels_available(), "triton": triton_available()}
     return [b for b in PREFERENCE if found[b]]
 
 
-def _bucket(size: int) -> int:
-    return 1 << max(int(size) - 1, 0).bit_length()
-
-
-def choice_key(query, key, queue) -> tuple:
-    n, d = query.shape
-    return (query.device.type, query.device.index, query.dtype, _bucket(n), _bucket(queue.size(0)),
-            _bucket(d), _needs_grad(query, key, queue))
-
-
-def _needs_grad(query, key, queue) -> tuple:
-    """Which of the three will get a gradient in this call (none under torch.no_grad)."""
-    enabled = torch.is_grad_enabled()
-    return tuple(enabled and bool(t.requires_grad) for t in (query, key, queue))
-
-
-def chosen_backends() -> dict:
-    """The cached choices of this process, {key: backend}."""
-    return dict(_choices)
-
-
-def clear() -> None:
-    _choices.clear()
-
-
-def time_backend(run, backend: str, query, key, queue, query_labels, queue_labels, k: int,
-                 temperature: float) -> float:
-    """Median milliseconds of forward (+ backward where an input needs a gradient) on `backend`.
-
-    `run(backend, query, key, queue, query_labels, queue_labels, k, temperature, seed)` computes
-    the summed loss. Works on detached copies of the leaves, so the caller's graph is untouched.
-    """
-    needs = _needs_grad(query, key, queue)
-    leaves = [t.detach().requires_grad_(need) for t, need in zip((query, key, queue), needs)]
-    wants_grad = [t for t in leaves if t.requires_grad]
-
-    def step():
-        with torch.enable_grad():
-            loss = run(backend, *leaves, query_labels, queue_labels, k, temperature, _TIMING_SEED)
-            if wants_grad:
-                torch.autograd.grad(loss, wants_grad)
-
-    step()  # warm-up: compiles Triton kernels, loads modules
-    times = []
-    for _ in range(TIMED_REPEATS):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def choose(run, query, key, queue, query_labels, queue_labels, k: int, temperature: float,
-           timer=time_backend) -> str:
-    """The backend that backend="auto" uses for these CUDA inputs (see the module docstring)."""
+def _resolve(backend: str, device: torch.device, caller: str) -> str:
+    if backend not in CHOICES:
+        raise ValueError(f"{caller}: backend must be one of {CHOICES}, got {backend!r}")
+    if backend != "auto":
+        if backend in ("cpu", "cuda") and device.type != backend:
+            raise ValueError(f"{caller}: backend={backend!r} needs inputs on a {backend} device, "
+                             f"got {device}")
+        return backend
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        raise ValueError(f"{caller}: no kpos_loss backend for device type {device.type!r}")
     forced = os.environ.get(ENV_VAR)
     if forced:
         if forced not in ("cuda", "triton", "reference"):
-            raise ValueError(f"kpos_loss: {ENV_VAR} must be 'cuda', 'triton' or 'reference', "
-                             f"got {forced!r}")
+            raise ValueError(f"{caller}: the environment variable {ENV_VAR} must be 'cuda', "
+                             f"'triton' or 'reference', got {forced!r}")
         return forced
     candidates = available_backends()
     if not candidates:
-        raise ValueError("kpos_loss: no CUDA backend is available: build kcl_ext with CUDA "
+        raise ValueError(f"{caller}: no CUDA backend is available: build kcl_ext with CUDA "
                          "(FORCE_CUDA=1 pip install .) or install Triton")
-    if len(candidates) == 1:
-        return candidates[0]
-    cache_key = choice_key(query, key, queue)
-    if cache_key in _choices:
-        return _choices[cache_key]
-    if torch.compiler.is_compiling():
-        return candidates[0]
-    times, failures = {}, {}
-    for backend in candidates:
+    return candidates[0]
+
+
+def resolve_backend(query: torch.Tensor | torch.device | str, backend: str = "auto") -> str:
+    """The backend that `kpos_loss(query, ..., backend=backend)` runs on.
+
+    Args:
+        query: the query tensor of the call (or its device).
+        backend: the `backend=` argument of the call ("auto" by default).
+
+    Returns:
+        "cpu", "cuda", "triton" or "reference". For `backend="auto"`: "cpu" on CPU tensors; on
+        CUDA tensors `$KCL_EXT_BACKEND` if set, else "cuda" when the CUDA kernels are built, else
+        "triton". The answer depends only on the device, the installation and the environment,
+        never on timing, so it is the same in every run and on every rank.
+
+    Raises:
+        ValueError: an unknown backend, a backend for another device type, or no backend for
+            the device.
+    """
+    device = query.device if isinstance(query, torch.Tensor) else torch.device(query)
+    return _resolve(backend, device, "resolve_backend")
+
+
+def time_backends(query, key, queue, query_labels, queue_labels, *, k: int = 6,
+                  temperature: float = 0.07, backends=None, repeats: int = 3,
+                  seed: int = 0) -> dict:
+    """Median milliseconds of `kpos_loss` on each backend for these inputs: an explicit opt-in
+    for choosing `backend=` by measurement ("auto" never times).
+
+    Each backend runs the forward and the backward that these inputs need (the gradients of those
+    of query, key and queue that require grad), on detached copies, so the caller's graph is
+    untouched; one warm-up run (it compiles Triton kernels), then `repeats` timed runs. On CUDA
+    the runs are timed with events on the current stream of the inputs' device, inside
+    `torch.cuda.device(query.device)`; this synchronises, so do not call it during a CUDA-graph
+    capture or under torch.compile.
+
+    Args:
+        query, key, queue, query_labels, queue_labels, k, temperature: as `kpos_loss`.
+        backends: the backends to time; default: those `available_backends()` lists for CUDA
+            inputs, ("cpu",) for CPU inputs.
+        repeats: timed runs per backend (the median is returned).
+        seed: the seed of the positive selection in every run (torch's generator is untouched).
+
+    Returns:
+        {backend: median milliseconds}, fastest first. A backend that raises is left out with
+        a RuntimeWarning that says why.
+
+    Raises:
+        RuntimeError: every backend raised (the message holds each error).
+    """
+    import warnings
+
+    from .ops import kpos_loss
+
+    device = query.device
+    if backends is None:
+        backends = available_backends() if device.type == "cuda" else ["cpu"]
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"time_backends: repeats must be a positive int, got {repeats!r}")
+    enabled = torch.is_grad_enabled()
+    leaves = [t.detach().requires_grad_(enabled and t.requires_grad) for t in (query, key, queue)]
+    wanted = [t for t in leaves if t.requires_grad]
+
+    def step(backend):
+        with torch.enable_grad():
+            loss = kpos_loss(*leaves, query_labels, queue_labels, k=k, temperature=temperature,
+                             reduction="sum", seed=seed, backend=backend)
+            if wanted:
+                torch.autograd.grad(loss, wanted)
+
+    def timed(backend) -> float:
+        if device.type != "cuda":
+            step(backend)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                step(backend)
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
+        with torch.cuda.device(device):
+            step(backend)
+            times = []
+            for _ in range(repeats):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(backend)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            return statistics.median(times)
+
+    results, failures = {}, {}
+    for backend in backends:
         try:
-            times[backend] = timer(run, backend, query, key, queue, query_labels, queue_labels, k,
-                                   temperature)
-        except Exception as error:  # noqa: BLE001  (any failure of one backend: try the other)
+            results[backend] = timed(backend)
+        except Exception as error:  # noqa: BLE001  (report it, time the others)
             failures[backend] = error
-    if not times:
+    if not results:
         details = "; ".join(f"{b}: {type(e).__name__}: {e}" for b, e in failures.items())
-        raise RuntimeError(f"kpos_loss: backend='auto' found no CUDA backend that runs these "
-                           f"inputs ({details})") from next(iter(failures.values()))
-    best = min(times, key=lambda b: (times[b], candidates.index(b)))
+        raise RuntimeError(f"time_backends: no backend ran these inputs ({details})") from (
+            next(iter(failures.values())) if failures else None)
     for backend, error in failures.items():
-        warnings.warn(f"kpos_loss: backend={backend!r} failed on these inputs "
-                      f"({type(error).__name__}: {error}); backend='auto' uses {best!r} for "
-                      f"them (device {query.device}, {query.dtype})", RuntimeWarning,
-                      stacklevel=3)
-    _choices[cache_key] = best
-    return best
+        warnings.warn(f"time_backends: backend={backend!r} failed on these inputs "
+                      f"({type(error).__name__}: {error})", RuntimeWarning, stacklevel=2)
+    return dict(sorted(results.items(), key=lambda item: item[1]))

@@ -10,7 +10,7 @@ from . import _library  # noqa: F401  (loads the compiled library: torch.ops.kcl
 from . import _amp, _autograd, _backend_choice, _validation
 from .reference import kpos_loss_reference
 
-BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+BACKENDS = _backend_choice.CHOICES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,25 +59,10 @@ _amp.register("kcl::kpos_forward")
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def _resolve_backend(backend: str, device: torch.device, inputs: tuple | None = None) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"kpos_loss: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type == "cpu":
-            return "cpu"
-        if device.type == "cuda":
-            # --- backend="auto" on CUDA: CUDA kernels vs Triton by measured speed -------------
-            # (kcl_ext/_backend_choice.py; `inputs` = the five tensors, k, temperature)
-            if inputs is None:
-                available = _backend_choice.available_backends()
-                return available[0] if available else "cuda"
-            return _backend_choice.choose(_run_for_timing, *inputs)
-            # --- end backend="auto" on CUDA -----------------------------------------------------
-        raise ValueError(f"kpos_loss: no kpos_loss backend for device type {device.type!r}")
-    if backend in ("cpu", "cuda") and device.type != backend:
-        raise ValueError(
-            f"kpos_loss: backend={backend!r} needs inputs on a {backend} device, got {device}")
-    return backend
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    # backend="auto" is decided from the device, the installation and KCL_EXT_BACKEND alone:
+    # no timing, no synchronisation (kcl_ext/_backend_choice.py).
+    return _backend_choice._resolve(backend, device, "kpos_loss")
 
 
 def kpos_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
@@ -104,8 +89,7 @@ def kpos_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
     _validation.check_all(query, key, queue, query_labels, queue_labels, k, temperature, reduction,
                           seed)
     temperature = float(temperature)
-    chosen = _resolve_backend(backend, query.device,
-                              (query, key, queue, query_labels, queue_labels, k, temperature))
+    chosen = _resolve_backend(backend, query.device)
     if chosen == "reference":
         return kpos_loss_reference(query, key, queue, query_labels, queue_labels, k=k,
                                    temperature=temperature, reduction=reduction, seed=seed)
@@ -115,12 +99,6 @@ def kpos_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
                                 temperature=temperature, reduction=reduction, seed=seed)
     return torch.ops.kcl.kpos_loss(query, key, queue, query_labels, queue_labels, k, temperature,
                                    reduction, seed)
-
-
-def _run_for_timing(backend, query, key, queue, query_labels, queue_labels, k, temperature, seed):
-    """The summed loss on an explicit backend: what backend="auto" times."""
-    return kpos_loss(query, key, queue, query_labels, queue_labels, k=k, temperature=temperature,
-                     reduction="sum", seed=seed, backend=backend)
 
 
 def sample_positives(query_labels: torch.Tensor, queue_labels: torch.Tensor, k: int,

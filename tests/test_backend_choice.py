@@ -1,123 +1,180 @@
-"""The backend="auto" rule on CUDA inputs (kcl_ext/_backend_choice.py), exercised on the CPU with
-a stand-in timer: which backend wins, that the choice is cached per key and that the environment
-variable overrides it. The GPU timing itself is covered by tests/test_cuda.py."""
+"""backend="auto" (kcl_ext/_backend_choice.py): decided from the device, the installation and
+KCL_EXT_BACKEND alone, never by timing, so every run and every rank picks the same backend and
+a CUDA-graph capture or a torch.compile trace meets no synchronisation; and the opt-in
+`time_backends`, which times under the inputs' device. CUDA devices are exercised on the CPU with
+stand-ins; tests/test_cuda.py runs "auto" on a GPU."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
-import kcl_ext  # noqa: F401  (loads the library)
-from kcl_ext import _backend_choice
+import kcl_ext
+from kcl_ext import _backend_choice, ops
+
+CUDA = torch.device("cuda", 0)
 
 
 @pytest.fixture
 def both_available(monkeypatch):
     monkeypatch.delenv(_backend_choice.ENV_VAR, raising=False)
     monkeypatch.setattr(_backend_choice, "available_backends", lambda: ["cuda", "triton"])
-    _backend_choice.clear()
-    yield
-    _backend_choice.clear()
+
+
+@pytest.fixture
+def no_cuda_timing(monkeypatch):
+    """Any event, synchronisation or stream query fails the test: what breaks a CUDA-graph
+    capture and makes a choice depend on timing."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("backend='auto' must not time or synchronise")
+
+    for name in ("Event", "synchronize", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, forbidden)
 
 
 def inputs(n=8, q=100, d=16, requires_grad=True):
     query = torch.randn(n, d, requires_grad=requires_grad)
-    return (query, torch.randn(n, d), torch.randn(q, d), torch.zeros(n, dtype=torch.long),
-            torch.zeros(q, dtype=torch.long), 6, 0.07)
+    return (query, torch.randn(n, d), torch.randn(q, d), torch.randint(0, 3, (n,)),
+            torch.randint(0, 3, (q,)))
 
 
-class StandInTimer:
-    def __init__(self, times):
-        self.times = times
-        self.calls = []
-
-    def __call__(self, run, backend, *args):
-        self.calls.append(backend)
-        if isinstance(self.times[backend], Exception):
-            raise self.times[backend]
-        return self.times[backend]
-
-
-def never_run(*args):
-    raise AssertionError("the stand-in timer never runs a backend")
-
-
-@pytest.mark.parametrize("times,expected", [({"cuda": 1.0, "triton": 2.0}, "cuda"),
-                                            ({"cuda": 3.0, "triton": 2.0}, "triton"),
-                                            ({"cuda": 2.0, "triton": 2.0}, "cuda")])
-def test_faster_backend_wins_and_is_cached(both_available, times, expected):
-    timer = StandInTimer(times)
-    assert _backend_choice.choose(never_run, *inputs(), timer=timer) == expected
-    assert sorted(timer.calls) == ["cuda", "triton"]
-    # Same key (same buckets: 8 -> 8, 100 -> 128, 16 -> 16): no new timing, same answer.
-    assert _backend_choice.choose(never_run, *inputs(q=120), timer=timer) == expected
-    assert len(timer.calls) == 2
-    assert list(_backend_choice.chosen_backends().values()) == [expected]
-
-
-def test_new_bucket_or_grad_pattern_is_timed_again(both_available):
-    timer = StandInTimer({"cuda": 1.0, "triton": 2.0})
-    _backend_choice.choose(never_run, *inputs(), timer=timer)
-    _backend_choice.choose(never_run, *inputs(q=129), timer=timer)
-    _backend_choice.choose(never_run, *inputs(requires_grad=False), timer=timer)
-    assert len(timer.calls) == 6
-    assert len(_backend_choice.chosen_backends()) == 3
-
-
-def test_no_grad_is_its_own_key(both_available):
-    timer = StandInTimer({"cuda": 1.0, "triton": 2.0})
-    _backend_choice.choose(never_run, *inputs(), timer=timer)
-    with torch.no_grad():
-        _backend_choice.choose(never_run, *inputs(), timer=timer)
-        _backend_choice.choose(never_run, *inputs(requires_grad=False), timer=timer)
-    assert len(timer.calls) == 4  # under no_grad a leaf that requires grad gets none
-    assert len(_backend_choice.chosen_backends()) == 2
-
-
-def test_environment_overrides(both_available, monkeypatch):
-    timer = StandInTimer({"cuda": 1.0, "triton": 2.0})
-    monkeypatch.setenv(_backend_choice.ENV_VAR, "triton")
-    assert _backend_choice.choose(never_run, *inputs(), timer=timer) == "triton"
-    assert timer.calls == []
-    monkeypatch.setenv(_backend_choice.ENV_VAR, "tpu")
-    with pytest.raises(ValueError, match="KCL_EXT_BACKEND must be"):
-        _backend_choice.choose(never_run, *inputs(), timer=timer)
-
-
-def test_single_backend_needs_no_timing(monkeypatch):
+@pytest.mark.parametrize("available,expected", [(["cuda", "triton"], "cuda"),
+                                                (["triton"], "triton"), (["cuda"], "cuda")])
+def test_auto_on_cuda_is_the_preference_order_without_timing(monkeypatch, no_cuda_timing,
+                                                             available, expected):
     monkeypatch.delenv(_backend_choice.ENV_VAR, raising=False)
-    monkeypatch.setattr(_backend_choice, "available_backends", lambda: ["triton"])
-    timer = StandInTimer({})
-    assert _backend_choice.choose(never_run, *inputs(), timer=timer) == "triton"
+    monkeypatch.setattr(_backend_choice, "available_backends", lambda: available)
+    for _ in range(3):  # every call, every rank: the same answer
+        assert kcl_ext.resolve_backend(CUDA) == expected
+        assert ops._resolve_backend("auto", CUDA) == expected
+    with torch.no_grad():  # the gradients wanted do not change it either
+        assert kcl_ext.resolve_backend(CUDA) == expected
+
+
+def test_auto_on_cuda_is_the_same_while_compiling(both_available, no_cuda_timing, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert kcl_ext.resolve_backend(CUDA) == "cuda"
+
+
+def test_kpos_loss_routes_through_the_rule(monkeypatch):
+    seen = []
+    real = _backend_choice._resolve
+
+    def spy(backend, device, caller):
+        seen.append((backend, device.type, caller))
+        return real(backend, device, caller)
+
+    monkeypatch.setattr(_backend_choice, "_resolve", spy)
+    kcl_ext.kpos_loss(*inputs(), k=2, seed=0)
+    assert seen == [("auto", "cpu", "kpos_loss")]
+
+
+def test_environment_overrides(both_available, no_cuda_timing, monkeypatch):
+    monkeypatch.setenv(_backend_choice.ENV_VAR, "triton")
+    assert kcl_ext.resolve_backend(CUDA) == "triton"
+    assert kcl_ext.resolve_backend(CUDA, "cuda") == "cuda"  # an explicit backend= wins
+    monkeypatch.setenv(_backend_choice.ENV_VAR, "tpu")
+    with pytest.raises(ValueError, match="environment variable KCL_EXT_BACKEND must be 'cuda', "
+                                         "'triton' or 'reference', got 'tpu'"):
+        kcl_ext.resolve_backend(CUDA)
+
+
+def test_no_cuda_backend_says_how_to_get_one(monkeypatch):
+    monkeypatch.delenv(_backend_choice.ENV_VAR, raising=False)
     monkeypatch.setattr(_backend_choice, "available_backends", lambda: [])
-    with pytest.raises(ValueError, match="no CUDA backend"):
-        _backend_choice.choose(never_run, *inputs(), timer=timer)
-    assert timer.calls == []
+    with pytest.raises(ValueError, match=r"kpos_loss: no CUDA backend is available: build kcl_ext "
+                                         r"with CUDA \(FORCE_CUDA=1"):
+        ops._resolve_backend("auto", CUDA)
 
 
 def test_cpu_inputs_keep_the_cpu_kernel(monkeypatch):
     monkeypatch.setenv(_backend_choice.ENV_VAR, "triton")  # only consulted for CUDA inputs
-    from kcl_ext.ops import _resolve_backend
-    assert _resolve_backend("auto", torch.device("cpu"), inputs()) == "cpu"
+    assert kcl_ext.resolve_backend(inputs()[0]) == "cpu"
+    assert kcl_ext.resolve_backend("cpu", "reference") == "reference"
 
 
-@pytest.mark.parametrize("failing,expected", [("cuda", "triton"), ("triton", "cuda")])
-def test_a_failing_backend_falls_back_to_the_other(both_available, failing, expected):
-    times = {"cuda": 1.0, "triton": 2.0}
-    times[failing] = RuntimeError("ptxas fatal: unsupported target")
-    timer = StandInTimer(times)
-    with pytest.warns(RuntimeWarning, match=f"backend='{failing}' failed on these inputs "
-                                            r"\(RuntimeError: ptxas fatal"):
-        assert _backend_choice.choose(never_run, *inputs(), timer=timer) == expected
-    # the choice is cached: no new attempt, no new warning
-    assert _backend_choice.choose(never_run, *inputs(), timer=timer) == expected
-    assert len(timer.calls) == 2
+@pytest.mark.parametrize("backend,device,message", [
+    ("tpu", "cpu", r"resolve_backend: backend must be one of \('auto', 'cpu', 'cuda', 'triton', "
+                   r"'reference'\), got 'tpu'"),
+    ("cuda", "cpu", "resolve_backend: backend='cuda' needs inputs on a cuda device, got cpu"),
+    ("cpu", "cuda", "resolve_backend: backend='cpu' needs inputs on a cpu device, got cuda"),
+    ("auto", "meta", "resolve_backend: no kpos_loss backend for device type 'meta'"),
+])
+def test_bad_backend_names_the_argument(backend, device, message):
+    with pytest.raises(ValueError, match=message):
+        kcl_ext.resolve_backend(device, backend)
 
 
-def test_every_backend_failing_raises_with_both_errors(both_available):
-    timer = StandInTimer({"cuda": TypeError("no float64 kernel"),
-                          "triton": RuntimeError("out of resources")})
-    with pytest.raises(RuntimeError, match="no CUDA backend that runs these inputs "
-                                           r"\(cuda: TypeError: no float64 kernel; triton: "
-                                           "RuntimeError: out of resources"):
-        _backend_choice.choose(never_run, *inputs(), timer=timer)
-    assert _backend_choice.chosen_backends() == {}
+# ----------------------------------------------------------------------------------------------
+# time_backends: the explicit opt-in
+# ----------------------------------------------------------------------------------------------
+def test_time_backends_on_cpu_times_each_and_sorts():
+    x = inputs(16, 64, 8)
+    before = x[0].grad
+    times = kcl_ext.time_backends(*x, k=2, backends=("cpu", "reference"), repeats=2)
+    assert set(times) == {"cpu", "reference"}
+    assert all(t > 0 for t in times.values())
+    assert list(times.values()) == sorted(times.values())
+    assert x[0].grad is before  # the caller's leaves get no gradient
+
+
+def test_time_backends_leaves_out_a_failing_backend_with_a_warning():
+    with pytest.warns(RuntimeWarning, match="backend='cuda' failed on these inputs "
+                                            r"\(ValueError: kpos_loss: backend='cuda' needs"):
+        times = kcl_ext.time_backends(*inputs(), k=2, backends=("cuda", "cpu"), repeats=1)
+    assert list(times) == ["cpu"]
+    with pytest.raises(RuntimeError, match="no backend ran these inputs"):
+        kcl_ext.time_backends(*inputs(), k=2, backends=("cuda",), repeats=1)
+    with pytest.raises(ValueError, match="repeats must be a positive int, got 0"):
+        kcl_ext.time_backends(*inputs(), backends=("cpu",), repeats=0)
+
+
+class _StandInCudaTensor:
+    """Just enough of a tensor on cuda:1 for time_backends' bookkeeping."""
+    device = torch.device("cuda", 1)
+    requires_grad = False
+
+    def detach(self):
+        return self
+
+    def requires_grad_(self, flag):
+        return self
+
+
+def test_time_backends_times_under_the_inputs_device(monkeypatch):
+    """Triton and CUDA events work on the *current* device: the timing must run inside
+    torch.cuda.device(inputs' device), not on whatever device the caller left current."""
+    log = []
+
+    @contextlib.contextmanager
+    def device_guard(device):
+        log.append(("enter", torch.device(device)))
+        yield
+        log.append(("exit", torch.device(device)))
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.5
+
+    def run(*args, backend, **kwargs):
+        log.append(("run", backend))
+        return torch.zeros(())
+
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(ops, "kpos_loss", run)
+    x = _StandInCudaTensor()
+    times = kcl_ext.time_backends(x, x, x, None, None, backends=("triton",), repeats=2)
+    assert times == {"triton": 1.5}
+    assert log[0] == ("enter", torch.device("cuda", 1)) and log[-1] == ("exit", torch.device("cuda", 1))
+    assert log.count(("run", "triton")) == 3 and log.count("record") == 4  # warm-up + 2 timed
