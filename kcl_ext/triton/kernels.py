@@ -191,6 +191,7 @@ def _segment_piece_kernel(src_ptr, stride_sn, stride_sd, order_ptr, weight_ptr, 
     g = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
+    d64 = d.to(tl.int64)                    # offsets that span the tensor are int64
     acc_ty = tl.float64 if src_ptr.dtype.element_ty == tl.float64 else tl.float32
     owner = tl.load(piece_owner_ptr + g)
     if owner < num_owners:
@@ -202,7 +203,7 @@ def _segment_piece_kernel(src_ptr, stride_sn, stride_sd, order_ptr, weight_ptr, 
         while r < end:
             inside = r + offs < end
             src_row = tl.load(order_ptr + r + offs, mask=inside, other=0)
-            x = tl.load(src_ptr + src_row[:, None] * stride_sn + d[None, :] * stride_sd,
+            x = tl.load(src_ptr + src_row[:, None] * stride_sn + d64[None, :] * stride_sd,
                         mask=inside[:, None] & d_ok[None, :], other=0.0).to(acc_ty)
             if WEIGHTED:
                 x = x * tl.load(weight_ptr + src_row, mask=inside, other=0.0)[:, None]
@@ -247,15 +248,16 @@ def _target_kernel(key_ptr, queue_ptr, positives_ptr, num_positives_ptr, row_own
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
     mask = row_ok[:, None] & d_ok[None, :]
+    rows64, d64 = rows.to(tl.int64), d.to(tl.int64)     # offsets that span a tensor: int64
     acc_ty = tl.float64 if key_ptr.dtype.element_ty == tl.float64 else tl.float32
-    target = tl.load(key_ptr + rows[:, None] * stride_kn + d[None, :] * stride_kd, mask=mask,
+    target = tl.load(key_ptr + rows64[:, None] * stride_kn + d64[None, :] * stride_kd, mask=mask,
                      other=0.0).to(acc_ty)
     if GATHER:
         column = tl.full([], 0, tl.int64)
         while column < k:
             j = tl.load(positives_ptr + rows.to(tl.int64) * k + column, mask=row_ok, other=-1)
             picked = j >= 0
-            target += tl.load(queue_ptr + j[:, None] * stride_vn + d[None, :] * stride_vd,
+            target += tl.load(queue_ptr + j[:, None] * stride_vn + d64[None, :] * stride_vd,
                               mask=picked[:, None] & d_ok[None, :], other=0.0).to(acc_ty)
             column += 1
     if CLASS_SUMS:
@@ -367,13 +369,14 @@ def _row_dots(a_ptr, stride_an, stride_ad, b_ptr, stride_bn, stride_bd, rows, ro
     so both get the same bits: a row with no valid queue entry has lse == own logit exactly,
     hence loss 0 and an own-key probability of exactly 1."""
     total = tl.zeros([rows.shape[0]], acc_ty)
+    rows64 = rows.to(tl.int64)                      # row offsets span the tensor: int64
     d0 = tl.full([], 0, tl.int64)
     while d0 < dim:
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (d < dim)[None, :]
-        a = tl.load(a_ptr + rows[:, None] * stride_an + d[None, :] * stride_ad, mask=mask,
+        a = tl.load(a_ptr + rows64[:, None] * stride_an + d[None, :] * stride_ad, mask=mask,
                     other=0.0).to(acc_ty)
-        b = tl.load(b_ptr + rows[:, None] * stride_bn + d[None, :] * stride_bd, mask=mask,
+        b = tl.load(b_ptr + rows64[:, None] * stride_bn + d[None, :] * stride_bd, mask=mask,
                     other=0.0).to(acc_ty)
         total += tl.sum(a * b, 1)
         d0 += BLOCK_D
@@ -400,8 +403,8 @@ def _forward_merge_kernel(query_ptr, key_ptr, target_ptr, part_max_ptr, part_sum
     run_max = own2
     run_sum = tl.full([BLOCK_M], 1.0, acc_ty)
     if QUERY_GRAD:
-        mean = tl.load(key_ptr + rows[:, None] * stride_kn + d[None, :] * stride_kd, mask=mask,
-                       other=0.0).to(acc_ty)
+        mean = tl.load(key_ptr + rows.to(tl.int64)[:, None] * stride_kn
+                       + d.to(tl.int64)[None, :] * stride_kd, mask=mask, other=0.0).to(acc_ty)
     split = tl.full([], 0, tl.int64)
     while split < num_splits:
         at = split * n + rows
@@ -457,8 +460,8 @@ def _backward_rows_kernel(query_ptr, key_ptr, lse_ptr, grad_ptr, num_positives_p
         own_prob = tl.exp2((own - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)) * LOG2E)
         num_positives = tl.load(num_positives_ptr + rows, mask=row_ok, other=1)
         coef = scale * (own_prob - 1.0 / num_positives.to(acc_ty))
-        q = tl.load(query_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd, mask=mask,
-                    other=0.0).to(acc_ty)
+        q = tl.load(query_ptr + rows.to(tl.int64)[:, None] * stride_qn
+                    + d.to(tl.int64)[None, :] * stride_qd, mask=mask, other=0.0).to(acc_ty)
         tl.store(dkey_ptr + out, (q * coef[:, None]).to(dkey_ptr.dtype.element_ty), mask=mask)
 
 
