@@ -837,9 +837,20 @@ def _empty_slot_bias(labels: _Labels, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(labels.queue >= 0, 0.0, float("-inf")).to(dtype)
 
 
+def _dense(*features: torch.Tensor) -> tuple:
+    """The features as contiguous tensors (a copy only of a strided one). On a GPU, Triton picks
+    the layout of a load, and with it the lanes and warps that a tl.sum reduces over, from what it
+    knows of the strides (a stride of 1 is a constant); a strided input would be summed in
+    another order and round differently. One specialisation for every input layout keeps strided
+    and contiguous inputs bitwise alike, as the contract requires (compile_check compares the
+    layouts)."""
+    return tuple(t.contiguous() for t in features)
+
+
 def _forward(query, key, queue, query_labels, queue_labels, seed, k: int, temperature: float,
              query_grad: bool, cfg: LaunchConfig):
     n, dim = query.shape
+    query, key, queue = _dense(query, key, queue)
     queue = _tileable(queue, cfg.block_n, cfg.block_d)
     query = _tileable(query, cfg.block_m, cfg.block_d)
     labels = _Labels(query_labels, queue_labels)
@@ -870,6 +881,7 @@ def _backward(grad_rows, query, key, queue, query_labels, queue_labels, lse, pos
         if need_queue:
             grad_queue.zero_()
         return grad_query, grad_key, grad_queue
+    query, key, queue = _dense(query, key, queue)
     queue = _tileable(queue, max(cfg.block_n, cfg.dqueue_block_n), cfg.block_d)
     query = _tileable(query, max(cfg.block_m, cfg.dqueue_block_m), cfg.block_d)
     grad_rows = grad_rows.to(acc).contiguous()
