@@ -204,3 +204,83 @@ def test_kpos_loss_triton_applies_autocast_first():
     want = kcl_ext.kpos_loss_reference(half[0].float(), half[1].float(), *half[2:], k=2, seed=1)
     assert loss.dtype == torch.float32
     assert_close(loss, want, "triton", torch.float32, "kpos_loss_triton under autocast")
+
+
+# ----------------------------------------------------------------------------------------------
+# What a GPU would get wrong and the interpreter hides: checked on compiled code and by mocks
+# ----------------------------------------------------------------------------------------------
+def run_compile_check(*args: str):
+    """python -m kcl_ext.triton.compile_check in a process of its own: it compiles for sm_90a,
+    which this process, with TRITON_INTERPRET=1, cannot do."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "kcl_ext.triton.compile_check", *args],
+                          cwd=Path(__file__).resolve().parent.parent, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_compiled_row_kernels_reduce_alike_for_strided_inputs_and_use_64_bit_offsets():
+    """On a GPU, Triton lays out loads, and so the lanes a tl.sum reduces over, by what it knows
+    of the strides: strided inputs must not change the summation order (the contract's bitwise
+    test), and the own-key logit must be reduced alike in the merge and the backward (the exact 0
+    loss of a row without a valid queue entry). The compile check compares the TTGIR of both
+    launches of the host code, and reads the TTIR for 32-bit offsets that span a tensor."""
+    run = run_compile_check("--dtypes", "float32", "--dims", "24", "--no-ptx-report",
+                            "--kernels", "_forward_merge_kernel", "_backward_rows_kernel",
+                            "_target_kernel", "_segment_piece_kernel")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "variants compiled for sm_90a" in run.stdout
+
+
+def test_offset_reader_tells_whole_tensor_offsets_from_tile_offsets():
+    """compile_check's TTIR reader on a hand-written module: an index from the program id times a
+    stride in i32 is a finding; the same in i64, a tl.arange index, or an index narrowed
+    explicitly are not."""
+    ttir = """
+  tt.func public @k(%p: !tt.ptr<f32>, %stride_n: i32 loc("stride_n"(#loc)), %dim: i32 loc("dim"(#loc))) attributes {noinline = false} {
+    %pid = tt.get_program_id x : i32 loc(#loc)
+    %c32_i32 = arith.constant 32 : i32 loc(#loc)
+    %r = tt.make_range {end = 32 : i32, start = 0 : i32} : tensor<32xi32> loc(#loc)
+    %row0 = arith.muli %pid, %c32_i32 : i32 loc(#loc)
+    %s = tt.splat %row0 : i32 -> tensor<32xi32> loc(#loc)
+    %rows = arith.addi %s, %r : tensor<32xi32> loc(#loc)
+    %st = tt.splat %stride_n : i32 -> tensor<32xi32> loc(#loc)
+    %bad = arith.muli %rows, %st : tensor<32xi32> loc(#loc)
+    %tile = arith.muli %r, %st : tensor<32xi32> loc(#loc)
+    %rows64 = arith.extsi %rows : tensor<32xi32> to tensor<32xi64> loc(#loc)
+    %st64 = arith.extsi %st : tensor<32xi32> to tensor<32xi64> loc(#loc)
+    %good = arith.muli %rows64, %st64 : tensor<32xi64> loc(#loc)
+    %narrow = arith.trunci %rows64 : tensor<32xi64> to tensor<32xi32> loc(#loc)
+    %dims = tt.splat %dim : i32 -> tensor<32xi32> loc(#loc)
+    %allowed = arith.muli %narrow, %dims : tensor<32xi32> loc(#loc)
+    %scalar = arith.muli %pid, %stride_n : i32 loc(#loc)
+    tt.return loc(#loc)
+  } loc(#loc)
+"""
+    assert compile_check.wide_offset_findings(ttir) == ["%bad = %rows * %st in int32",
+                                                        "%scalar = %pid * %stride_n in int32"]
+
+
+def test_reduction_reader_spells_out_layouts_and_skips_integers():
+    ttgir = """#blocked = #ttg.blocked<{sizePerThread = [1, 4]}>
+#blocked1 = #ttg.blocked<{sizePerThread = [4, 1]}>
+    %a = "tt.reduce"(%x) <{axis = 1 : i32}> ({
+    ^bb0(%u: f32, %v: f32):
+      %s = arith.addf %u, %v : f32
+      tt.reduce.return %s : f32
+    }) : (tensor<32x64xf32, #blocked1>) -> tensor<32xf32, #ttg.slice<{dim = 1, parent = #blocked1}>> loc(#loc9)
+    %b = "tt.reduce"(%y) <{axis = 0 : i32}> ({
+    ^bb0(%u: i64, %v: i64):
+      %s = arith.addi %u, %v : i64
+      tt.reduce.return %s : i64
+    }) : (tensor<32xi64, #blocked>) -> i64 loc(#loc9)
+#loc3 = loc("/x/kcl_ext/triton/kernels.py":42:7)
+#loc4 = loc("/y/triton/language/standard.py":290:1)
+#loc9 = loc(callsite(#loc4 at #loc3))
+"""
+    assert compile_check.float_reductions(ttgir) == [
+        (42, "tensor<32x64xf32, #ttg.blocked<{sizePerThread = [4, 1]}>>")]
