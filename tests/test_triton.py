@@ -284,3 +284,34 @@ def test_reduction_reader_spells_out_layouts_and_skips_integers():
 """
     assert compile_check.float_reductions(ttgir) == [
         (42, "tensor<32x64xf32, #ttg.blocked<{sizePerThread = [4, 1]}>>")]
+
+
+def test_float16_queue_gradient_keeps_its_bits_when_tiny(monkeypatch):
+    """With the mean over N rows and a long queue, g_i p_ij ~ 1 / (N Q) falls to float16's
+    subnormals (6e-8) when the gradient tile is rounded for its tensor-core product: the kernel
+    scales it by a power of two, as the CUDA kernels do. Here N Q = 2.1e6 (g_i p_ij ~ 5e-7) and
+    k = 0, so that d(queue) is that product alone: its error stays within twice that of rounding
+    the exact (float64) result to float16, relative to the largest element."""
+    if DEVICE == "cpu":
+        # Queue tiles of 2048 rows: 64 of them instead of 4096, for the interpreter's sake.
+        set_interpreter = kernels.LaunchConfig._set_interpreter
+
+        def large_tiles(cfg, dtype, dim):
+            set_interpreter(cfg, dtype, dim)
+            cfg.block_n = cfg.dqueue_block_n = 2048
+
+        monkeypatch.setattr(kernels.LaunchConfig, "_set_interpreter", large_tiles)
+    n, q, d = 16, 131072, 16
+    x = make_inputs(n, q, d, dtype=torch.float16, seed=11, device=DEVICE,
+                    requires_grad=(False, False, True))
+    options = dict(k=0, seed=5, reduction="mean", temperature=0.5)
+    got = loss_and_grads(Ops("triton").loss, x, **options)[1][0].double()
+    queue64 = x[2].detach().double().requires_grad_()
+    exact = loss_and_grads(kcl_ext.kpos_loss_reference,
+                           (x[0].double(), x[1].double(), queue64, x[3], x[4]), **options)[1][0]
+
+    def relative_error(a):
+        return float((a - exact).abs().max() / exact.abs().max())
+
+    rounding = relative_error(exact.half().double())
+    assert 0 < rounding and relative_error(got) <= 2 * rounding, (relative_error(got), rounding)
