@@ -286,6 +286,45 @@ def test_reduction_reader_spells_out_layouts_and_skips_integers():
         (42, "tensor<32x64xf32, #ttg.blocked<{sizePerThread = [4, 1]}>>")]
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the current device is mocked")
+def test_launches_run_under_the_inputs_device(monkeypatch):
+    """Triton launches on the current device and its current stream, not on the tensors' device:
+    inputs on cuda:1 while cuda:0 is current must be launched inside torch.cuda.device(cuda:1).
+    Fake CUDA tensors (no GPU here) and a recording torch.cuda.device show which device every
+    launch of the forward and the backward ran under."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    entered = []
+
+    class RecordingGuard:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.pop()
+
+    kernels._for_loops_work()      # the interpreter's loop probe runs a kernel: not in fake mode
+    launches = []
+    monkeypatch.setattr(torch.cuda, "device", RecordingGuard)
+    monkeypatch.setattr(kernels, "_launch", lambda fn, grid, *args, **kwargs: launches.append(
+        (fn.__name__, entered[-1] if entered else None)))
+    with FakeTensorMode():
+        device = torch.device("cuda:1")
+        x = [t.to(device) for t in make_inputs(20, 40, 8, requires_grad=(False,) * 3)]
+        seed = torch.full((1,), 3, dtype=torch.int64, device=device)
+        for k in (3, -1):
+            state = kernels._kpos_forward_impl(*x, seed, k, 0.1, True)
+            grad_rows = torch.ones(20, device=device)
+            kernels._kpos_backward_impl(grad_rows, *x, *state[1:], k, 0.1, [True, True, True])
+    names = {name for name, _ in launches}
+    assert {"_select_kernel", "_forward_kernel", "_forward_merge_kernel",
+            "_backward_rows_kernel", "_backward_dqueue_kernel"} <= names, names
+    assert [(name, d) for name, d in launches if d != device] == []
+
+
 def test_float16_queue_gradient_keeps_its_bits_when_tiny(monkeypatch):
     """With the mean over N rows and a long queue, g_i p_ij ~ 1 / (N Q) falls to float16's
     subnormals (6e-8) when the gradient tile is rounded for its tensor-core product: the kernel

@@ -22,6 +22,7 @@ a dense part that needs no labels and a sparse part that needs no pass over the 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -781,6 +782,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return _autograd.acc_dtype(dtype)
 
 
+def _on_device(device: torch.device):
+    """torch.cuda.device(device) for CUDA tensors: Triton launches on the current device and its
+    current stream, not on the tensors' device, so inputs on cuda:1 while cuda:0 is current would
+    run on the wrong device (an illegal address) or the wrong stream. A no-op on CPU tensors (the
+    interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _check_device(query: torch.Tensor, name: str) -> None:
     if query.device.type == "cuda" or (INTERPRETED and query.device.type == "cpu"):
         return
@@ -1028,8 +1039,9 @@ def _kpos_forward_impl(query: torch.Tensor, key: torch.Tensor, queue: torch.Tens
     if n == 0:
         return _autograd.forward_fake(query, k, query_grad)
     cfg = LaunchConfig(query.device, query.dtype, dim)
-    return _forward(query, key, queue, query_labels, queue_labels, seed, k, float(temperature),
-                    query_grad, cfg)
+    with _on_device(query.device):
+        return _forward(query, key, queue, query_labels, queue_labels, seed, k,
+                        float(temperature), query_grad, cfg)
 
 
 def _kpos_backward_impl(grad_rows: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
@@ -1047,8 +1059,10 @@ def _kpos_backward_impl(grad_rows: torch.Tensor, query: torch.Tensor, key: torch
     _check_backward_state(grad_rows, lse, positives, num_positives, target, softmax_mean, n, dim,
                           k, _acc_dtype(query.dtype), query.device, name)
     cfg = LaunchConfig(query.device, query.dtype, dim)
-    return _backward(grad_rows, query, key, queue, query_labels, queue_labels, lse, positives,
-                     num_positives, target, softmax_mean, k, float(temperature), output_mask, cfg)
+    with _on_device(query.device):
+        return _backward(grad_rows, query, key, queue, query_labels, queue_labels, lse,
+                         positives, num_positives, target, softmax_mean, k, float(temperature),
+                         output_mask, cfg)
 
 
 if not INTERPRETED:
