@@ -204,3 +204,153 @@ def test_kpos_loss_triton_applies_autocast_first():
     want = kcl_ext.kpos_loss_reference(half[0].float(), half[1].float(), *half[2:], k=2, seed=1)
     assert loss.dtype == torch.float32
     assert_close(loss, want, "triton", torch.float32, "kpos_loss_triton under autocast")
+
+
+# ----------------------------------------------------------------------------------------------
+# What a GPU would get wrong and the interpreter hides: checked on compiled code and by mocks
+# ----------------------------------------------------------------------------------------------
+def run_compile_check(*args: str):
+    """python -m kcl_ext.triton.compile_check in a process of its own: it compiles for sm_90a,
+    which this process, with TRITON_INTERPRET=1, cannot do."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "kcl_ext.triton.compile_check", *args],
+                          cwd=Path(__file__).resolve().parent.parent, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_compiled_row_kernels_reduce_alike_for_strided_inputs_and_use_64_bit_offsets():
+    """On a GPU, Triton lays out loads, and so the lanes a tl.sum reduces over, by what it knows
+    of the strides: strided inputs must not change the summation order (the contract's bitwise
+    test), and the own-key logit must be reduced alike in the merge and the backward (the exact 0
+    loss of a row without a valid queue entry). The compile check compares the TTGIR of both
+    launches of the host code, and reads the TTIR for 32-bit offsets that span a tensor."""
+    run = run_compile_check("--dtypes", "float32", "--dims", "24", "--no-ptx-report",
+                            "--kernels", "_forward_merge_kernel", "_backward_rows_kernel",
+                            "_target_kernel", "_segment_piece_kernel")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "variants compiled for sm_90a" in run.stdout
+
+
+def test_offset_reader_tells_whole_tensor_offsets_from_tile_offsets():
+    """compile_check's TTIR reader on a hand-written module: an index from the program id times a
+    stride in i32 is a finding; the same in i64, a tl.arange index, or an index narrowed
+    explicitly are not."""
+    ttir = """
+  tt.func public @k(%p: !tt.ptr<f32>, %stride_n: i32 loc("stride_n"(#loc)), %dim: i32 loc("dim"(#loc))) attributes {noinline = false} {
+    %pid = tt.get_program_id x : i32 loc(#loc)
+    %c32_i32 = arith.constant 32 : i32 loc(#loc)
+    %r = tt.make_range {end = 32 : i32, start = 0 : i32} : tensor<32xi32> loc(#loc)
+    %row0 = arith.muli %pid, %c32_i32 : i32 loc(#loc)
+    %s = tt.splat %row0 : i32 -> tensor<32xi32> loc(#loc)
+    %rows = arith.addi %s, %r : tensor<32xi32> loc(#loc)
+    %st = tt.splat %stride_n : i32 -> tensor<32xi32> loc(#loc)
+    %bad = arith.muli %rows, %st : tensor<32xi32> loc(#loc)
+    %tile = arith.muli %r, %st : tensor<32xi32> loc(#loc)
+    %rows64 = arith.extsi %rows : tensor<32xi32> to tensor<32xi64> loc(#loc)
+    %st64 = arith.extsi %st : tensor<32xi32> to tensor<32xi64> loc(#loc)
+    %good = arith.muli %rows64, %st64 : tensor<32xi64> loc(#loc)
+    %narrow = arith.trunci %rows64 : tensor<32xi64> to tensor<32xi32> loc(#loc)
+    %dims = tt.splat %dim : i32 -> tensor<32xi32> loc(#loc)
+    %allowed = arith.muli %narrow, %dims : tensor<32xi32> loc(#loc)
+    %scalar = arith.muli %pid, %stride_n : i32 loc(#loc)
+    tt.return loc(#loc)
+  } loc(#loc)
+"""
+    assert compile_check.wide_offset_findings(ttir) == ["%bad = %rows * %st in int32",
+                                                        "%scalar = %pid * %stride_n in int32"]
+
+
+def test_reduction_reader_spells_out_layouts_and_skips_integers():
+    ttgir = """#blocked = #ttg.blocked<{sizePerThread = [1, 4]}>
+#blocked1 = #ttg.blocked<{sizePerThread = [4, 1]}>
+    %a = "tt.reduce"(%x) <{axis = 1 : i32}> ({
+    ^bb0(%u: f32, %v: f32):
+      %s = arith.addf %u, %v : f32
+      tt.reduce.return %s : f32
+    }) : (tensor<32x64xf32, #blocked1>) -> tensor<32xf32, #ttg.slice<{dim = 1, parent = #blocked1}>> loc(#loc9)
+    %b = "tt.reduce"(%y) <{axis = 0 : i32}> ({
+    ^bb0(%u: i64, %v: i64):
+      %s = arith.addi %u, %v : i64
+      tt.reduce.return %s : i64
+    }) : (tensor<32xi64, #blocked>) -> i64 loc(#loc9)
+#loc3 = loc("/x/kcl_ext/triton/kernels.py":42:7)
+#loc4 = loc("/y/triton/language/standard.py":290:1)
+#loc9 = loc(callsite(#loc4 at #loc3))
+"""
+    assert compile_check.float_reductions(ttgir) == [
+        (42, "tensor<32x64xf32, #ttg.blocked<{sizePerThread = [4, 1]}>>")]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the current device is mocked")
+def test_launches_run_under_the_inputs_device(monkeypatch):
+    """Triton launches on the current device and its current stream, not on the tensors' device:
+    inputs on cuda:1 while cuda:0 is current must be launched inside torch.cuda.device(cuda:1).
+    Fake CUDA tensors (no GPU here) and a recording torch.cuda.device show which device every
+    launch of the forward and the backward ran under."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    entered = []
+
+    class RecordingGuard:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.pop()
+
+    kernels._for_loops_work()      # the interpreter's loop probe runs a kernel: not in fake mode
+    launches = []
+    monkeypatch.setattr(torch.cuda, "device", RecordingGuard)
+    monkeypatch.setattr(kernels, "_launch", lambda fn, grid, *args, **kwargs: launches.append(
+        (fn.__name__, entered[-1] if entered else None)))
+    with FakeTensorMode():
+        device = torch.device("cuda:1")
+        x = [t.to(device) for t in make_inputs(20, 40, 8, requires_grad=(False,) * 3)]
+        seed = torch.full((1,), 3, dtype=torch.int64, device=device)
+        for k in (3, -1):
+            state = kernels._kpos_forward_impl(*x, seed, k, 0.1, True)
+            grad_rows = torch.ones(20, device=device)
+            kernels._kpos_backward_impl(grad_rows, *x, *state[1:], k, 0.1, [True, True, True])
+    names = {name for name, _ in launches}
+    assert {"_select_kernel", "_forward_kernel", "_forward_merge_kernel",
+            "_backward_rows_kernel", "_backward_dqueue_kernel"} <= names, names
+    assert [(name, d) for name, d in launches if d != device] == []
+
+
+def test_float16_queue_gradient_keeps_its_bits_when_tiny(monkeypatch):
+    """With the mean over N rows and a long queue, g_i p_ij ~ 1 / (N Q) falls to float16's
+    subnormals (6e-8) when the gradient tile is rounded for its tensor-core product: the kernel
+    scales it by a power of two, as the CUDA kernels do. Here N Q = 2.1e6 (g_i p_ij ~ 5e-7) and
+    k = 0, so that d(queue) is that product alone: its error stays within twice that of rounding
+    the exact (float64) result to float16, relative to the largest element."""
+    if DEVICE == "cpu":
+        # Queue tiles of 2048 rows: 64 of them instead of 4096, for the interpreter's sake.
+        set_interpreter = kernels.LaunchConfig._set_interpreter
+
+        def large_tiles(cfg, dtype, dim):
+            set_interpreter(cfg, dtype, dim)
+            cfg.block_n = cfg.dqueue_block_n = 2048
+
+        monkeypatch.setattr(kernels.LaunchConfig, "_set_interpreter", large_tiles)
+    n, q, d = 16, 131072, 16
+    x = make_inputs(n, q, d, dtype=torch.float16, seed=11, device=DEVICE,
+                    requires_grad=(False, False, True))
+    options = dict(k=0, seed=5, reduction="mean", temperature=0.5)
+    got = loss_and_grads(Ops("triton").loss, x, **options)[1][0].double()
+    queue64 = x[2].detach().double().requires_grad_()
+    exact = loss_and_grads(kcl_ext.kpos_loss_reference,
+                           (x[0].double(), x[1].double(), queue64, x[3], x[4]), **options)[1][0]
+
+    def relative_error(a):
+        return float((a - exact).abs().max() / exact.abs().max())
+
+    rounding = relative_error(exact.half().double())
+    assert 0 < rounding and relative_error(got) <= 2 * rounding, (relative_error(got), rounding)

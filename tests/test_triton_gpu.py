@@ -119,3 +119,37 @@ def test_queue_splits_fill_the_gpu():
     splits, _ = kernels._queue_splits(256 // cfg.block_m, 65536 // cfg.block_n,
                                       cfg.target_programs)
     assert 256 // cfg.block_m * splits >= torch.cuda.get_device_properties(0).multi_processor_count
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_inputs_on_another_device_than_the_current_one():
+    """Triton launches on the current device: the ops guard their launches with the inputs'
+    device, so inputs on cuda:1 while cuda:0 is current give what they give with cuda:1 current."""
+    inputs = [t.detach().to("cuda:1").requires_grad_(t.requires_grad)
+              for t in make_inputs(100, 3000, 64, torch.float32, classes=10)]
+    with torch.cuda.device(1):
+        want = outputs(triton_loss, inputs, k=6, seed=5)
+    with torch.cuda.device(0):
+        got = outputs(triton_loss, inputs, k=6, seed=5)
+    torch.cuda.synchronize(1)
+    for a, b in zip(got, want):
+        assert a.device == torch.device("cuda:1") and torch.equal(a, b)
+
+
+def test_float16_queue_gradient_at_the_benchmark_size():
+    """The mean over N = 256 rows and Q = 65536 (g_i p_ij ~ 6e-8, float16's smallest subnormal):
+    with k = 0, d(queue) is the gradient-tile product alone; the kernel's power-of-two scale keeps
+    its error within twice that of rounding the exact float64 result to float16."""
+    inputs = make_inputs(256, 65536, 128, torch.float16, classes=1000, grads=("queue",))
+    loss = triton_loss(*inputs, k=0, seed=1)
+    got, = torch.autograd.grad(loss, [inputs[2]])
+    queue64 = inputs[2].detach().double().requires_grad_()
+    exact_loss = kcl_ext.kpos_loss_reference(inputs[0].double(), inputs[1].double(), queue64,
+                                             *inputs[3:], k=0, seed=1)
+    exact, = torch.autograd.grad(exact_loss, [queue64])
+
+    def relative_error(a):
+        return float((a.double() - exact).abs().max() / exact.abs().max())
+
+    rounding = relative_error(exact.half())
+    assert 0 < rounding and relative_error(got) <= 2 * rounding, (relative_error(got), rounding)

@@ -10,9 +10,26 @@ specialises each one exactly as Triton's runtime would (its own binder: argument
 become constants, integers and pointers divisible by 16 get the divisibility attribute), for
 every feature dtype and D. Each distinct specialisation is compiled once; ptxas reports its
 registers and spills, and the SASS of the half-precision dot kernels is searched for tensor-core
-instructions. Exit status 1 on a compile error, on a spill with --check-spills (float64, which
-exists for gradient checks, excepted), or when a half-precision dot kernel has no tensor-core
-instruction.
+instructions.
+
+Two properties of the compiled code are checked on every variant, because the interpreter cannot
+see them:
+
+* Layouts. The host launchers run a second time on strided inputs (strided columns, a
+  column-major key, a row-sliced queue). Triton picks load layouts, and so the lanes and warps a
+  `tl.sum` reduces over, from what it knows of the strides; a floating-point reduction laid out
+  differently sums in another order and rounds differently. Every floating-point reduction of a
+  launch must have the same layout in both runs, and the own-key logit (the reduction of
+  `_row_dots`) must have one layout in every kernel that forms it (the merge and the backward),
+  or a row with no valid queue entry would not get exactly lse == own logit.
+* Offsets. An integer product of an index by a stride (or by `dim`, the row stride of the
+  kernels' own [rows, D] buffers) must be 64-bit unless the index is bounded by a tile
+  (`tl.arange` and constants only) or was narrowed explicitly (`.to(tl.int32)`, which the host
+  allows only when the whole tensor fits in int32). Read on the TTIR.
+
+Exit status 1 on a compile error, on a layout or offset finding, on a spill with --check-spills
+(float64, which exists for gradient checks, excepted), or when a half-precision dot kernel has no
+tensor-core instruction.
 """
 from __future__ import annotations
 
@@ -61,15 +78,26 @@ class Result:
     seconds: float = 0.0
 
 
-def _scenarios(K, torch, dtype, dim):
+LAYOUTS = ("contiguous", "strided")
+
+
+def _scenarios(K, torch, dtype, dim, layout="contiguous"):
     """The launches of the host code for one dtype and D: forward with and without the query's
     gradient, for k > 0, k = 0 and k = -1; backward of all three gradients (k > 0: the sparse
-    pairs) and of the query alone without the forward's softmax mean (k = -1: class sums)."""
+    pairs) and of the query alone without the forward's softmax mean (k = -1: class sums).
+    layout "strided": the same values as strided views (every second column of the query, a
+    column-major key, the first D columns of a [Q, 2 D] queue), as tests/test_contract.py's
+    non-contiguous test passes them."""
     cfg = K.LaunchConfig.for_gpu(dtype, dim, SMS)
     gen = torch.Generator().manual_seed(0)
     query = torch.randn(N, dim, generator=gen).to(dtype)
     key = torch.randn(N, dim, generator=gen).to(dtype)
     queue = torch.randn(Q, dim, generator=gen).to(dtype)
+    if layout == "strided":
+        query = torch.stack([query, torch.zeros_like(query)], 2).reshape(N, 2 * dim)[:, ::2]
+        key = key.t().contiguous().t()
+        queue = torch.cat([queue, torch.zeros_like(queue)], 1)[:, :dim]
+        assert not (query.is_contiguous() or key.is_contiguous() or queue.is_contiguous())
     query_labels = torch.randint(0, 100, (N,), generator=gen)
     queue_labels = torch.randint(-1, 100, (Q,), generator=gen)
     seed = torch.full((1,), 7, dtype=torch.int64)
@@ -137,6 +165,116 @@ def _tensor_core_instructions(cubin: bytes, cuobjdump: str) -> str:
     return ", ".join(f"{op} x{c}" for op, c in counts.items() if c) or "none"
 
 
+# ----------------------------------------------------------------------------------------------
+# Reading the IR: reduction layouts (TTGIR) and offset widths (TTIR)
+# ----------------------------------------------------------------------------------------------
+_DEF = re.compile(r"^\s*(%[\w.$-]+)(?::\d+)? = ([\w.\"]+)(.*)$")
+_LOC_DEF = re.compile(r"^(#loc\d*) = loc\((.*)\)\s*$")
+
+
+def _frames(loc: str, locs: dict, depth: int = 0) -> list:
+    """The (file, line) frames of a TTGIR location, innermost first (a call site lists the
+    callee's frames, then the caller's)."""
+    if depth > 100:
+        return []
+    loc = loc.strip()
+    file_line = re.match(r'^"([^"]*)":(\d+):\d+', loc)
+    if file_line:
+        return [(file_line.group(1), int(file_line.group(2)))]
+    if re.match(r"^#loc\d*$", loc):
+        return _frames(locs[loc], locs, depth + 1) if loc in locs else []
+    call = re.match(r"^callsite\((#loc\d*) at (#loc\d*)\)$", loc)
+    if call:
+        return (_frames(call.group(1), locs, depth + 1)
+                + _frames(call.group(2), locs, depth + 1))
+    named = re.match(r'^"[^"]*"\((#loc\d*)\)$', loc)
+    return _frames(named.group(1), locs, depth + 1) if named else []
+
+
+def _source_line(loc: str, locs: dict):
+    """The innermost line of kernels.py that a TTGIR location passes through (tl.sum itself is
+    in Triton's library)."""
+    for path, line in _frames(loc, locs):
+        if path.replace(os.sep, "/").endswith("kcl_ext/triton/kernels.py"):
+            return line
+    return None
+
+
+def float_reductions(ttgir: str) -> list[tuple]:
+    """(source line, operand type with its layout spelled out) of every floating-point tt.reduce,
+    in program order. Layout aliases (#blocked1, ...) are replaced by their definitions, so that
+    two modules compare by what the layouts are."""
+    aliases = dict(re.findall(r"^(#[a-z]+\d*) = (#ttg\.[^\n]*)$", ttgir, flags=re.M))
+    locs = {}
+    for line in ttgir.splitlines():
+        m = _LOC_DEF.match(line)
+        if m:
+            locs[m.group(1)] = m.group(2)
+    found = []
+    lines = ttgir.splitlines()
+    for i, line in enumerate(lines):
+        if '"tt.reduce"(' not in line:
+            continue
+        # The reduce's region closes on a line `}) : (operand types) -> result loc(#locN)`.
+        depth, j = 0, i
+        while j < len(lines):
+            depth += lines[j].count("{") - lines[j].count("}")
+            if j > i and depth <= 0 and ") : (" in lines[j]:
+                break
+            j += 1
+        close = lines[j]
+        operand = re.search(r"\) : \((.*?)\) ->", close).group(1)
+        if not re.search(r"x(f16|bf16|f32|f64)[,>]", operand):
+            continue
+        for alias, text in sorted(aliases.items(), key=lambda a: -len(a[0])):
+            operand = re.sub(re.escape(alias) + r"\b", text, operand)
+        loc = re.search(r"loc\((#loc\d*)\)\s*$", close)
+        found.append((_source_line(loc.group(1), locs) if loc else None, operand))
+    return found
+
+
+_BOUNDED_OPS = {"arith.constant", "tt.make_range", "arith.trunci"}
+_SHAPE_OPS = {"tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "tt.trans",
+              "ttg.convert_layout", "arith.extsi", "arith.extui"}
+
+
+def wide_offset_findings(ttir: str) -> list[str]:
+    """Integer products in 32 bits of an index that no tile bounds by a stride argument (stride_*)
+    or by `dim`: offsets that span the whole tensor and overflow past 2^31 elements. An index is
+    bounded when it is made of tl.arange and constants only, or was narrowed explicitly."""
+    header = re.search(r"tt\.func public @\w+\((.*?)\) attributes", ttir, flags=re.S)
+    strides = set()
+    if header:
+        for name in re.findall(r"(%[\w]+): i\d+", header.group(1)):
+            if name.startswith("%stride_") or name == "%dim":
+                strides.add(name)
+    bounded: set = set()
+    stride_like = set(strides)
+    findings = []
+    for line in ttir.splitlines():
+        m = _DEF.match(line)
+        if not m:
+            continue
+        name, op, rest = m.group(1), m.group(2), m.group(3)
+        body = rest.split(" : ")[0] if op != "tt.make_range" else ""
+        operands = re.findall(r"%[\w.$-]+", body)
+        if op in _BOUNDED_OPS or (operands and op.startswith(("arith.", "tt.", "ttg."))
+                                  and op not in ("tt.load", "tt.get_program_id")
+                                  and all(o in bounded for o in operands)):
+            bounded.add(name)
+        if op in _SHAPE_OPS and operands and all(o in stride_like for o in operands):
+            stride_like.add(name)
+        if op == "arith.muli" and len(operands) == 2:
+            result_type = rest.rsplit(" : ", 1)[-1]
+            if not re.search(r"(^|x)i32\b", result_type.split(" loc(")[0].strip()):
+                continue
+            for this, other in (operands, operands[::-1]):
+                if this in stride_like and other not in bounded and other not in stride_like:
+                    findings.append(f"{name} = {other} * {this} in int32")
+                    break
+    return findings
+
+
 def _variant(constexprs, attrs, fn) -> str:
     """The constexpr values that tell apart the kernel's compiled variants."""
     names = [p.name for p in fn.params]
@@ -148,7 +286,11 @@ def _variant(constexprs, attrs, fn) -> str:
     return " ".join(shown)
 
 
-def check(arch: str = "90a", dtypes=DTYPES, dims=DIMS, verbose: bool = True) -> list[Result]:
+def check(arch: str = "90a", dtypes=DTYPES, dims=DIMS, verbose: bool = True,
+          kernels=None, ptx: bool = True) -> tuple[list[Result], list[str]]:
+    """(one Result per compiled variant of the contiguous launches, findings): the findings are
+    the layout and offset properties of the module docstring that failed. `kernels`: names of the
+    kernels to compile (all when None); ptx=False skips the ptxas and SASS reports."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset: it compiles, it does not "
                            "interpret")
@@ -166,46 +308,99 @@ def check(arch: str = "90a", dtypes=DTYPES, dims=DIMS, verbose: bool = True) -> 
     ptxas = get_ptxas(capability).path
     cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
     sm = sm_arch_from_capability(capability)
+    row_dot_line = _row_dot_reduce_line(K)
     launch_of = K._launch
     results: dict[tuple, Result] = {}
+    compiled: dict[tuple, object] = {}
+    seconds: dict[tuple, float] = {}
+    findings: list[str] = []
+
+    def compile_launch(launch):
+        fn = launch.fn
+        signature, constexprs, attrs, options = _specialise(fn, launch.args, launch.kwargs,
+                                                            backend)
+        key = (fn.__name__, repr(signature), repr(sorted(constexprs.items())),
+               repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
+        if key not in compiled:
+            start = time.time()
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
+            compiled[key] = kernel
+            seconds[key] = time.time() - start
+            findings.extend(f"{fn.__name__} ({launch.scenario}): {finding}"
+                            for finding in wide_offset_findings(kernel.asm["ttir"]))
+        return key, compiled[key], constexprs, attrs
+
     try:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
             for dim in dims:
-                for launch in _scenarios(K, torch, dtype, dim):
+                runs = {layout: [launch for launch in _scenarios(K, torch, dtype, dim, layout)
+                                 if kernels is None or launch.fn.__name__ in kernels]
+                        for layout in LAYOUTS}
+                row_dot_layouts = {}
+                for launch in runs["contiguous"]:
                     fn = launch.fn
-                    signature, constexprs, attrs, options = _specialise(fn, launch.args,
-                                                                        launch.kwargs, backend)
-                    key = (fn.__name__, repr(signature), repr(sorted(constexprs.items())),
-                           repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
+                    key, kernel, constexprs, attrs = compile_launch(launch)
+                    for line, layout in float_reductions(kernel.asm["ttgir"]):
+                        if line == row_dot_line:
+                            row_dot_layouts.setdefault(layout, set()).add(fn.__name__)
                     if key in results:
                         if dim not in results[key].dims:
                             results[key].dims.append(dim)
                         continue
-                    start = time.time()
-                    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                                            target=target, options=options.__dict__)
                     result = Result(fn.__name__, dtype_name, [dim], _variant(constexprs, attrs, fn),
                                     launch.scenario)
-                    result.registers, result.spill_stores, result.spill_loads = _ptxas_report(
-                        kernel.asm["ptx"], sm, ptxas)
+                    if ptx:
+                        result.registers, result.spill_stores, result.spill_loads = _ptxas_report(
+                            kernel.asm["ptx"], sm, ptxas)
                     result.shared = kernel.metadata.shared
                     result.num_warps = kernel.metadata.num_warps
-                    if fn.__name__ in DOT_KERNELS:
+                    if ptx and fn.__name__ in DOT_KERNELS:
                         result.tensor_core = _tensor_core_instructions(kernel.asm["cubin"],
                                                                        cuobjdump)
-                    result.seconds = time.time() - start
+                    result.seconds = seconds[key]
                     results[key] = result
                     if verbose:
                         print(_row(result), flush=True)
+                if len(row_dot_layouts) > 1:
+                    findings.append(f"{dtype_name} D={dim}: the own-key logit (_row_dots) is "
+                                    f"reduced in {len(row_dot_layouts)} layouts: " + "; ".join(
+                                        f"{sorted(names)}: {layout}"
+                                        for layout, names in row_dot_layouts.items()))
+                if [x.fn for x in runs["contiguous"]] != [x.fn for x in runs["strided"]]:
+                    findings.append(f"{dtype_name} D={dim}: strided inputs launch other kernels")
+                    continue
+                for dense, strided in zip(runs["contiguous"], runs["strided"]):
+                    dense_key, dense_kernel, _, _ = compile_launch(dense)
+                    strided_key, strided_kernel, _, _ = compile_launch(strided)
+                    if dense_key == strided_key:
+                        continue
+                    a = float_reductions(dense_kernel.asm["ttgir"])
+                    b = float_reductions(strided_kernel.asm["ttgir"])
+                    if a != b:
+                        differ = [f"line {x[0]}: {x[1]} vs {y[1]}" for x, y in zip(a, b)
+                                  if x != y] or [f"{len(a)} vs {len(b)} reductions"]
+                        findings.append(f"{dense.fn.__name__} ({dense.scenario}, {dtype_name} "
+                                        f"D={dim}): contiguous and strided inputs reduce in "
+                                        f"different layouts: " + "; ".join(differ))
     finally:
         K._launch = launch_of
-    return list(results.values())
+    return list(results.values()), list(dict.fromkeys(findings))
+
+
+def _row_dot_reduce_line(K) -> int:
+    """The line of kernels.py with _row_dots's floating-point reduction."""
+    import inspect
+    source, first = inspect.getsourcelines(K._row_dots.fn)
+    return first + next(i for i, line in enumerate(source) if "tl.sum(" in line)
 
 
 def _row(r: Result) -> str:
+    registers, spills = ((r.registers, f"{r.spill_stores} / {r.spill_loads}") if r.registers >= 0
+                         else ("-", "-"))                  # --no-ptx-report
     return (f"| `{r.kernel}` | {r.scenario} | {r.variant} | {r.dtype} | {', '.join(map(str, r.dims))} | "
-            f"{r.num_warps} | {r.registers} | {r.spill_stores} / {r.spill_loads} | {r.shared} | "
+            f"{r.num_warps} | {registers} | {spills} | {r.shared} | "
             f"{r.tensor_core or '-'} |")
 
 
@@ -239,12 +434,17 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", nargs="+", type=int, default=list(DIMS))
     parser.add_argument("--check-spills", action="store_true",
                         help="fail if any kernel spills registers to local memory")
+    parser.add_argument("--kernels", nargs="+", metavar="NAME",
+                        help="compile only these kernels (e.g. _forward_merge_kernel)")
+    parser.add_argument("--no-ptx-report", action="store_true",
+                        help="skip ptxas's register report and the SASS search (faster)")
     parser.add_argument("--write-doc", metavar="MARKDOWN",
                         help="write the table between the compile_check markers of this file")
     args = parser.parse_args(argv)
     start = time.time()
     try:
-        results = check(args.arch, tuple(args.dtypes), tuple(args.dims))
+        results, findings = check(args.arch, tuple(args.dtypes), tuple(args.dims),
+                                  kernels=args.kernels, ptx=not args.no_ptx_report)
     except Exception as error:   # a compile error: say which, and fail
         traceback.print_exc()
         cause = error
@@ -255,17 +455,17 @@ def main(argv=None) -> int:
         return 1
     text = table(results, args.arch)
     print(text)
-    failures = []
+    failures = list(findings)
     if args.check_spills:
         # float64 exists for gradient checks on small inputs: its kernels must compile, and their
         # spills (Triton 3.6 spills the fp64 softmax-mean accumulator at D = 384) are reported
         # in the table without failing the check.
         failures += [f"{r.kernel} {r.variant} {r.dtype} D={r.dims}: spills "
                      f"{r.spill_stores} / {r.spill_loads} bytes"
-                     for r in results if (r.spill_stores or r.spill_loads)
+                     for r in results if r.registers >= 0 and (r.spill_stores or r.spill_loads)
                      and r.dtype != "float64"]
     failures += [f"{r.kernel} {r.variant} {r.dtype} D={r.dims}: no tensor-core instruction"
-                 for r in results if r.kernel in DOT_KERNELS
+                 for r in results if r.kernel in DOT_KERNELS and not args.no_ptx_report
                  and r.dtype in ("float16", "bfloat16") and r.tensor_core == "none"]
     print(f"compile_check: {len(results)} variants compiled for sm_{args.arch} in "
           f"{time.time() - start:.0f} s")

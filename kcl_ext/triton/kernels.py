@@ -22,6 +22,7 @@ a dense part that needs no labels and a sparse part that needs no pass over the 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -191,6 +192,7 @@ def _segment_piece_kernel(src_ptr, stride_sn, stride_sd, order_ptr, weight_ptr, 
     g = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
+    d64 = d.to(tl.int64)                    # offsets that span the tensor are int64
     acc_ty = tl.float64 if src_ptr.dtype.element_ty == tl.float64 else tl.float32
     owner = tl.load(piece_owner_ptr + g)
     if owner < num_owners:
@@ -202,7 +204,7 @@ def _segment_piece_kernel(src_ptr, stride_sn, stride_sd, order_ptr, weight_ptr, 
         while r < end:
             inside = r + offs < end
             src_row = tl.load(order_ptr + r + offs, mask=inside, other=0)
-            x = tl.load(src_ptr + src_row[:, None] * stride_sn + d[None, :] * stride_sd,
+            x = tl.load(src_ptr + src_row[:, None] * stride_sn + d64[None, :] * stride_sd,
                         mask=inside[:, None] & d_ok[None, :], other=0.0).to(acc_ty)
             if WEIGHTED:
                 x = x * tl.load(weight_ptr + src_row, mask=inside, other=0.0)[:, None]
@@ -212,10 +214,11 @@ def _segment_piece_kernel(src_ptr, stride_sn, stride_sd, order_ptr, weight_ptr, 
 
 
 @triton.jit
-def _add_class_pieces(acc, owner, part_first_ptr, part_count_ptr, part_ptr, d, d_ok, dim,
+def _add_class_pieces(acc, owner, part_first_ptr, part_count_ptr, part_ptr, d, d_ok, dim, scale,
                       SIGN: tl.constexpr, NARROW: tl.constexpr):
-    """acc[r] + SIGN * (the pieces of owner[r], in piece order); owner -1: nothing. NARROW:
-    offsets into the pieces fit in int32 (int64 offset tensors cost registers)."""
+    """acc[r] + SIGN * scale * (the pieces of owner[r], in piece order); owner -1: nothing.
+    scale is a power of two (exact). NARROW: offsets into the pieces fit in int32 (int64 offset
+    tensors cost registers)."""
     has = owner >= 0
     first = tl.load(part_first_ptr + owner, mask=has, other=0)
     count = tl.load(part_count_ptr + owner, mask=has, other=0)
@@ -230,7 +233,7 @@ def _add_class_pieces(acc, owner, part_first_ptr, part_count_ptr, part_ptr, d, d
             at = first + piece.to(tl.int32)
         x = tl.load(part_ptr + at[:, None] * dim + d[None, :],
                     mask=take[:, None] & d_ok[None, :], other=0.0)
-        acc += SIGN * x
+        acc += SIGN * (x * scale)
         piece += 1
     return acc
 
@@ -247,21 +250,22 @@ def _target_kernel(key_ptr, queue_ptr, positives_ptr, num_positives_ptr, row_own
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
     mask = row_ok[:, None] & d_ok[None, :]
+    rows64, d64 = rows.to(tl.int64), d.to(tl.int64)     # offsets that span a tensor: int64
     acc_ty = tl.float64 if key_ptr.dtype.element_ty == tl.float64 else tl.float32
-    target = tl.load(key_ptr + rows[:, None] * stride_kn + d[None, :] * stride_kd, mask=mask,
+    target = tl.load(key_ptr + rows64[:, None] * stride_kn + d64[None, :] * stride_kd, mask=mask,
                      other=0.0).to(acc_ty)
     if GATHER:
         column = tl.full([], 0, tl.int64)
         while column < k:
             j = tl.load(positives_ptr + rows.to(tl.int64) * k + column, mask=row_ok, other=-1)
             picked = j >= 0
-            target += tl.load(queue_ptr + j[:, None] * stride_vn + d[None, :] * stride_vd,
+            target += tl.load(queue_ptr + j[:, None] * stride_vn + d64[None, :] * stride_vd,
                               mask=picked[:, None] & d_ok[None, :], other=0.0).to(acc_ty)
             column += 1
     if CLASS_SUMS:
         owner = tl.load(row_owner_ptr + rows, mask=row_ok, other=-1)
         target = _add_class_pieces(target, owner, part_first_ptr, part_count_ptr, part_ptr, d,
-                                   d_ok, dim, 1.0, False)
+                                   d_ok, dim, 1.0, 1.0, False)
     num_positives = tl.load(num_positives_ptr + rows, mask=row_ok, other=1)
     target = target * (1.0 / num_positives.to(acc_ty))[:, None]
     tl.store(target_ptr + rows.to(tl.int64)[:, None] * dim + d[None, :], target, mask=mask)
@@ -367,13 +371,14 @@ def _row_dots(a_ptr, stride_an, stride_ad, b_ptr, stride_bn, stride_bd, rows, ro
     so both get the same bits: a row with no valid queue entry has lse == own logit exactly,
     hence loss 0 and an own-key probability of exactly 1."""
     total = tl.zeros([rows.shape[0]], acc_ty)
+    rows64 = rows.to(tl.int64)                      # row offsets span the tensor: int64
     d0 = tl.full([], 0, tl.int64)
     while d0 < dim:
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (d < dim)[None, :]
-        a = tl.load(a_ptr + rows[:, None] * stride_an + d[None, :] * stride_ad, mask=mask,
+        a = tl.load(a_ptr + rows64[:, None] * stride_an + d[None, :] * stride_ad, mask=mask,
                     other=0.0).to(acc_ty)
-        b = tl.load(b_ptr + rows[:, None] * stride_bn + d[None, :] * stride_bd, mask=mask,
+        b = tl.load(b_ptr + rows64[:, None] * stride_bn + d[None, :] * stride_bd, mask=mask,
                     other=0.0).to(acc_ty)
         total += tl.sum(a * b, 1)
         d0 += BLOCK_D
@@ -400,8 +405,8 @@ def _forward_merge_kernel(query_ptr, key_ptr, target_ptr, part_max_ptr, part_sum
     run_max = own2
     run_sum = tl.full([BLOCK_M], 1.0, acc_ty)
     if QUERY_GRAD:
-        mean = tl.load(key_ptr + rows[:, None] * stride_kn + d[None, :] * stride_kd, mask=mask,
-                       other=0.0).to(acc_ty)
+        mean = tl.load(key_ptr + rows.to(tl.int64)[:, None] * stride_kn
+                       + d.to(tl.int64)[None, :] * stride_kd, mask=mask, other=0.0).to(acc_ty)
     split = tl.full([], 0, tl.int64)
     while split < num_splits:
         at = split * n + rows
@@ -457,19 +462,34 @@ def _backward_rows_kernel(query_ptr, key_ptr, lse_ptr, grad_ptr, num_positives_p
         own_prob = tl.exp2((own - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)) * LOG2E)
         num_positives = tl.load(num_positives_ptr + rows, mask=row_ok, other=1)
         coef = scale * (own_prob - 1.0 / num_positives.to(acc_ty))
-        q = tl.load(query_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd, mask=mask,
-                    other=0.0).to(acc_ty)
+        q = tl.load(query_ptr + rows.to(tl.int64)[:, None] * stride_qn
+                    + d.to(tl.int64)[None, :] * stride_qd, mask=mask, other=0.0).to(acc_ty)
         tl.store(dkey_ptr + out, (q * coef[:, None]).to(dkey_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def _grad_tile_scale(grad_abs_max):
+    """(c, 1/c) with c = 2^(15 - e), max|g| < 2^e, clamped to 2^+-126; (1, 1) when max|g| is 0
+    or not finite: every c |g_i| p_ij < 2^15 (p_ij <= 1) stays inside float16's range and far
+    above its subnormals (csrc/cuda/kpos_kernel.cu, grad_tile_scale). Both are made from their
+    exponent bits, so both are exact."""
+    m = grad_abs_max.to(tl.float32)
+    biased = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF     # m = 1.f 2^(biased - 127)
+    exponent = tl.minimum(tl.maximum(15 - (biased - 126), -126), 126)
+    exponent = tl.where((m > 0.0) & (biased < 255), exponent, 0)
+    scale = ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+    unscale = ((127 - exponent) << 23).to(tl.float32, bitcast=True)
+    return scale, unscale
+
+
+@triton.jit
 def _dqueue_block(values, bias, query_ptr, lse_ptr, grad_ptr, row0, n, dim, stride_qn, stride_qd,
-                  scale2, acc, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  scale2, grad_scale, acc, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TILE_FIRST: tl.constexpr):
     q = _load_tile(query_ptr, row0, n, stride_qn, stride_qd, dim, BLOCK_M, BLOCK_D)
     r = tl.arange(0, BLOCK_M)
     lse2 = tl.load(lse_ptr + row0 + r, mask=row0 + r < n, other=0.0) * LOG2E
-    grad = tl.load(grad_ptr + row0 + r, mask=row0 + r < n, other=0.0)
+    grad = tl.load(grad_ptr + row0 + r, mask=row0 + r < n, other=0.0) * grad_scale
     if TILE_FIRST:
         # Logits transposed, [BLOCK_N, BLOCK_M]: the queue tile is the first operand of the
         # logits product. Triton 3.6 fails to compile the other form for fp64 (its layout pass
@@ -491,18 +511,21 @@ def _dqueue_block(values, bias, query_ptr, lse_ptr, grad_ptr, row0, n, dim, stri
 @triton.jit(do_not_specialize=["sparse"])
 def _backward_dqueue_kernel(query_ptr, queue_ptr, bias_ptr, lse_ptr, grad_ptr, share_ptr,
                             pair_start_ptr, pair_end_ptr, pair_row_ptr, queue_owner_ptr,
-                            part_first_ptr, part_count_ptr, part_ptr, dqueue_ptr,
-                            n, num_queue, dim, stride_qn, stride_qd, stride_vn, stride_vd,
-                            scale2, inv_tau, sparse,
+                            part_first_ptr, part_count_ptr, part_ptr, grad_abs_max_ptr,
+                            dqueue_ptr, n, num_queue, dim, stride_qn, stride_qd, stride_vn,
+                            stride_vd, scale2, inv_tau, sparse,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                             FOR_LOOPS: tl.constexpr, NARROW: tl.constexpr,
-                            TILE_FIRST: tl.constexpr):
+                            TILE_FIRST: tl.constexpr, SCALE_GRAD: tl.constexpr):
     """d queue_j = (sum_i g_i p_ij q_i - sum_{i: j in S_i} g_i q_i / |P_i|) / tau for one queue
     tile. The positive term comes first, in a fixed order, before the queue tile is loaded (so
     its gathered rows and the tile are never live together); then the dense sum over every query
     block (P^T . q). Every element of d(queue) is written by one program. NARROW: offsets of the
-    gathered rows fit in int32."""
+    gathered rows fit in int32. SCALE_GRAD (float16): the gradient tile g_i p_ij, rounded to
+    float16 for its product, is scaled by a power of two c from max|g| (grad_abs_max_ptr), so that
+    it stays out of float16's subnormals; both terms accumulate c times d(queue), and the store
+    multiplies by 1/c, exactly."""
     col0 = tl.program_id(0) * BLOCK_N
     acc_ty = tl.float64 if query_ptr.dtype.element_ty == tl.float64 else tl.float32
     cols = col0 + tl.arange(0, BLOCK_N)
@@ -510,6 +533,10 @@ def _backward_dqueue_kernel(query_ptr, queue_ptr, bias_ptr, lse_ptr, grad_ptr, s
     d = tl.arange(0, BLOCK_D)
     d_ok = d < dim
     acc = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
+    if SCALE_GRAD:
+        grad_scale, grad_unscale = _grad_tile_scale(tl.load(grad_abs_max_ptr))
+    else:
+        grad_scale, grad_unscale = 1.0, 1.0
     if sparse == 1:
         # k > 0: the (j, i) pairs sorted by j, ascending i within a j; pairs [start_j, end_j).
         start = tl.load(pair_start_ptr + cols, mask=col_ok, other=0)
@@ -524,29 +551,29 @@ def _backward_dqueue_kernel(query_ptr, queue_ptr, bias_ptr, lse_ptr, grad_ptr, s
                 row = row.to(tl.int32)
             q = tl.load(query_ptr + row[:, None] * stride_qn + d[None, :] * stride_qd,
                         mask=take[:, None] & d_ok[None, :], other=0.0).to(acc_ty)
-            acc -= q * share[:, None]
+            acc -= q * (share * grad_scale)[:, None]
             pair += 1
     if sparse == 2:
         # k = -1: the class sum of g_i q_i / |P_i| over the batch, gathered by queue label.
         owner = tl.load(queue_owner_ptr + cols, mask=col_ok, other=-1)
         acc = _add_class_pieces(acc, owner, part_first_ptr, part_count_ptr, part_ptr, d, d_ok,
-                                dim, -1.0, NARROW)
+                                dim, grad_scale, -1.0, NARROW)
     values = _load_tile(queue_ptr, col0, num_queue, stride_vn, stride_vd, dim, BLOCK_N, BLOCK_D)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=float("-inf"))
     if FOR_LOOPS:
         for row0 in range(0, n, BLOCK_M):
             acc = _dqueue_block(values, bias, query_ptr, lse_ptr, grad_ptr, row0, n, dim,
-                                stride_qn, stride_qd, scale2, acc, BLOCK_M, BLOCK_D,
-                                DOT_PRECISION, UPCAST, TILE_FIRST)
+                                stride_qn, stride_qd, scale2, grad_scale, acc, BLOCK_M,
+                                BLOCK_D, DOT_PRECISION, UPCAST, TILE_FIRST)
     else:
         row0 = tl.full([], 0, tl.int32)
         while row0 < n:
             acc = _dqueue_block(values, bias, query_ptr, lse_ptr, grad_ptr, row0, n, dim,
-                                stride_qn, stride_qd, scale2, acc, BLOCK_M, BLOCK_D,
-                                DOT_PRECISION, UPCAST, TILE_FIRST)
+                                stride_qn, stride_qd, scale2, grad_scale, acc, BLOCK_M,
+                                BLOCK_D, DOT_PRECISION, UPCAST, TILE_FIRST)
             row0 += BLOCK_M
     tl.store(dqueue_ptr + col0.to(tl.int64) * dim + tl.arange(0, BLOCK_N)[:, None] * dim
-             + d[None, :], (acc * inv_tau).to(dqueue_ptr.dtype.element_ty),
+             + d[None, :], (acc * grad_unscale * inv_tau).to(dqueue_ptr.dtype.element_ty),
              mask=col_ok[:, None] & d_ok[None, :])
 
 
@@ -755,6 +782,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return _autograd.acc_dtype(dtype)
 
 
+def _on_device(device: torch.device):
+    """torch.cuda.device(device) for CUDA tensors: Triton launches on the current device and its
+    current stream, not on the tensors' device, so inputs on cuda:1 while cuda:0 is current would
+    run on the wrong device (an illegal address) or the wrong stream. A no-op on CPU tensors (the
+    interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _check_device(query: torch.Tensor, name: str) -> None:
     if query.device.type == "cuda" or (INTERPRETED and query.device.type == "cpu"):
         return
@@ -834,9 +871,20 @@ def _empty_slot_bias(labels: _Labels, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(labels.queue >= 0, 0.0, float("-inf")).to(dtype)
 
 
+def _dense(*features: torch.Tensor) -> tuple:
+    """The features as contiguous tensors (a copy only of a strided one). On a GPU, Triton picks
+    the layout of a load, and with it the lanes and warps that a tl.sum reduces over, from what it
+    knows of the strides (a stride of 1 is a constant); a strided input would be summed in
+    another order and round differently. One specialisation for every input layout keeps strided
+    and contiguous inputs bitwise alike, as the contract requires (compile_check compares the
+    layouts)."""
+    return tuple(t.contiguous() for t in features)
+
+
 def _forward(query, key, queue, query_labels, queue_labels, seed, k: int, temperature: float,
              query_grad: bool, cfg: LaunchConfig):
     n, dim = query.shape
+    query, key, queue = _dense(query, key, queue)
     queue = _tileable(queue, cfg.block_n, cfg.block_d)
     query = _tileable(query, cfg.block_m, cfg.block_d)
     labels = _Labels(query_labels, queue_labels)
@@ -867,6 +915,7 @@ def _backward(grad_rows, query, key, queue, query_labels, queue_labels, lse, pos
         if need_queue:
             grad_queue.zero_()
         return grad_query, grad_key, grad_queue
+    query, key, queue = _dense(query, key, queue)
     queue = _tileable(queue, max(cfg.block_n, cfg.dqueue_block_n), cfg.block_d)
     query = _tileable(query, max(cfg.block_m, cfg.dqueue_block_m), cfg.block_d)
     grad_rows = grad_rows.to(acc).contiguous()
@@ -911,14 +960,20 @@ def _backward(grad_rows, query, key, queue, query_labels, queue_labels, lse, pos
                                       where, -1)
         narrow = (max(_extent(query), pieces.numel() if sparse == SPARSE_CLASSES else 0)
                   < 2**31)
+        # float16's gradient tile needs a scale (the kernel's SCALE_GRAD): max|g| as a 0-dim
+        # tensor on the device, read by the kernel, so no host synchronisation. bfloat16 has
+        # float32's exponent range.
+        scale_grad = query.dtype == torch.float16
+        grad_abs_max = grad_rows.abs().amax() if scale_grad else grad_rows
         _launch(_backward_dqueue_kernel, (triton.cdiv(num_queue, cfg.dqueue_block_n),),
                 query, queue, bias, lse, grad_rows, share, pair_start, pair_end, pair_row,
-                queue_owner, first, counts, pieces, grad_queue, n, num_queue, dim,
+                queue_owner, first, counts, pieces, grad_abs_max, grad_queue, n, num_queue, dim,
                 query.stride(0), query.stride(1), queue.stride(0), queue.stride(1),
                 LOG2E.value / temperature, inv_tau, sparse,
                 BLOCK_M=cfg.dqueue_block_m, BLOCK_N=cfg.dqueue_block_n, BLOCK_D=cfg.block_d,
                 DOT_PRECISION=cfg.dot_precision, UPCAST=cfg.upcast_dot, FOR_LOOPS=cfg.for_loops,
-                NARROW=narrow, TILE_FIRST=cfg.dqueue_tile_first, num_warps=cfg.dqueue_warps,
+                NARROW=narrow, TILE_FIRST=cfg.dqueue_tile_first, SCALE_GRAD=scale_grad,
+                num_warps=cfg.dqueue_warps,
                 num_stages=cfg.num_stages)
     return grad_query, grad_key, grad_queue
 
@@ -984,8 +1039,9 @@ def _kpos_forward_impl(query: torch.Tensor, key: torch.Tensor, queue: torch.Tens
     if n == 0:
         return _autograd.forward_fake(query, k, query_grad)
     cfg = LaunchConfig(query.device, query.dtype, dim)
-    return _forward(query, key, queue, query_labels, queue_labels, seed, k, float(temperature),
-                    query_grad, cfg)
+    with _on_device(query.device):
+        return _forward(query, key, queue, query_labels, queue_labels, seed, k,
+                        float(temperature), query_grad, cfg)
 
 
 def _kpos_backward_impl(grad_rows: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
@@ -1003,8 +1059,10 @@ def _kpos_backward_impl(grad_rows: torch.Tensor, query: torch.Tensor, key: torch
     _check_backward_state(grad_rows, lse, positives, num_positives, target, softmax_mean, n, dim,
                           k, _acc_dtype(query.dtype), query.device, name)
     cfg = LaunchConfig(query.device, query.dtype, dim)
-    return _backward(grad_rows, query, key, queue, query_labels, queue_labels, lse, positives,
-                     num_positives, target, softmax_mean, k, float(temperature), output_mask, cfg)
+    with _on_device(query.device):
+        return _backward(grad_rows, query, key, queue, query_labels, queue_labels, lse,
+                         positives, num_positives, target, softmax_mean, k, float(temperature),
+                         output_mask, cfg)
 
 
 if not INTERPRETED:
