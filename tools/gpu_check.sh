@@ -116,7 +116,7 @@ run() {
   pack "$name"
 }
 
-# pytest_step NAME CAP_S [WORKERS] -- PYTEST_ARGS...: a test step whose every result is appended to
+# pytest_step NAME CAP_S WORKERS -- PYTEST_ARGS...: a test step whose every result is appended to
 # WORK/NAME.tests.jsonl as it is known (tools/gpu_check_pytest.py), with JUnit XML (partial when
 # interrupted), a per-test timeout, and the failures listed as they happen (-rfE at the end).
 pytest_step() {
@@ -204,7 +204,7 @@ fi
 
 # --- contract: the contract suite on cuda and triton --------------------------------------------
 if [[ $DRY == 1 ]]; then
-  pytest_step contract 120 1 -- tests/test_contract.py \
+  pytest_step contract 120 "$WORKERS" -- tests/test_contract.py \
     -k "triton and (k0_is_moco or module_matches or double_backward)"
 else
   pytest_step contract 120 "$WORKERS" -- tests/test_contract.py -k "cuda or triton"
@@ -225,7 +225,7 @@ run headline 110 "$PY" -m benchmarks.run "${BENCH[@]}" --out "$WORK" --name head
 
 # --- the other test files ------------------------------------------------------------------------
 if [[ $DRY == 1 ]]; then
-  pytest_step tests_rest 90 1 -- tests/test_triton.py \
+  pytest_step tests_rest 90 "$WORKERS" -- tests/test_triton.py \
     -k "queue_splits_cover or no_queue_means_no_split or gpu_launch_configuration"
 else
   pytest_step tests_rest 90 "$WORKERS" -- tests/test_cuda.py tests/test_triton.py \

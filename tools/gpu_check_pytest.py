@@ -56,7 +56,10 @@ def pytest_runtest_logstart(nodeid, location):
         _append(path, {"nodeid": nodeid, "outcome": "started"})
 
 
-@pytest.hookimpl(trylast=True)
+# First, before the terminal reporter: at a cut, the step's process group gets SIGINT (twice for
+# the process that `timeout` runs), and a report that arrives while pytest shuts down may be
+# printed and then lost if the second interrupt lands between the two hooks.
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_logreport(report):
     global _finished
     if report.when == "teardown":
