@@ -5,7 +5,9 @@ Run it through `python -m benchmarks.run` (or `make bench`); `pytest tests/` nev
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import os
 
 import pytest
@@ -26,6 +28,9 @@ def pytest_addoption(parser):
                     help="grid of points: cpu, cuda, cuda-check or smoke (default: the device's)")
     group.addoption("--bench-no-memory", action="store_true",
                     help="skip the peak-memory measurement (quicker, for trying the suite)")
+    group.addoption("--bench-results-jsonl", default=None, metavar="PATH",
+                    help="append each point to PATH as one JSON line as soon as it is measured "
+                         "or skipped (a run cut short keeps what it measured)")
 
 
 def _profile(config) -> str:
@@ -86,3 +91,29 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "ceilings": _STATE.get("ceilings", {}),
         "skipped": grid.SKIPPED,
     }
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Appends the point to --bench-results-jsonl the moment its test ends: pytest-benchmark's
+    own JSON is written only when the session ends, which a killed run never reaches."""
+    outcome = yield
+    path = item.config.getoption("--bench-results-jsonl")
+    report = outcome.get_result()
+    if not path or "case" not in getattr(item, "funcargs", {}):
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        entry = {"id": item.callspec.id, "outcome": report.outcome,
+                 "case": dataclasses.asdict(item.funcargs["case"])}
+        fixture = item.funcargs.get("benchmark")
+        stats = getattr(fixture, "stats", None)
+        if report.passed and stats:
+            entry["stats"] = {key: getattr(stats.stats, key) for key in (
+                "min", "max", "mean", "median", "stddev", "iqr", "rounds")}
+            entry["extra_info"] = dict(stats.extra_info)
+        elif report.skipped and isinstance(report.longrepr, tuple):
+            entry["reason"] = report.longrepr[2]
+        elif report.failed:
+            entry["failure"] = "\n".join(str(report.longrepr).splitlines()[-15:])
+        with open(path, "a") as f:
+            f.write(json.dumps(entry, default=str) + "\n")

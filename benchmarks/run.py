@@ -6,8 +6,11 @@
   python -m benchmarks.run --profile smoke --no-memory               # the suite itself, in seconds
 
 The JSON (pytest-benchmark's, plus a "kcl" section with device, commit, date, the ceilings and the
-skipped points) goes to OUT/<profile>.json; `python -m benchmarks.render` turns the committed JSON
-into the README table and the plots. Extra arguments go to pytest (e.g. `-k fused`).
+skipped points) goes to OUT/<name>.json (the name defaults to the profile), written when the run
+ends. With --jsonl each point is also appended to OUT/<name>.jsonl (one JSON line: the case, its
+statistics and extra_info, or the reason it was skipped) the moment it is measured, so a run cut
+short keeps the points it finished (tools/gpu_check.sh). `python -m benchmarks.render` turns the
+committed JSON into the README table and the plots. Extra arguments go to pytest (e.g. `-k fused`).
 """
 from __future__ import annotations
 
@@ -29,10 +32,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
                    help="folder of the JSON result")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    p.add_argument("--name", default=None,
+                   help="base name of the result files OUT/NAME.json and OUT/NAME.jsonl "
+                        "(default: the profile)")
+    p.add_argument("--jsonl", action="store_true",
+                   help="also append each point to OUT/NAME.jsonl as soon as it is measured")
     args, pytest_args = p.parse_known_args(argv)
     profile = args.profile or args.device
+    name = args.name or profile
+    if not name or os.sep in name or name.startswith("."):
+        p.error(f"--name must be a plain file name without '{os.sep}', got {name!r}")
     os.makedirs(args.out, exist_ok=True)
-    out_json = os.path.join(os.path.abspath(args.out), f"{profile}.json")
+    out_json = os.path.join(os.path.abspath(args.out), f"{name}.json")
     command = [
         os.path.join(ROOT, "benchmarks", "test_bench_kpos.py"),
         "--rootdir", ROOT, "-p", "no:cacheprovider", "-q", "-rs",
@@ -42,10 +53,16 @@ def main(argv=None) -> int:
     ]
     if args.no_memory:
         command.append("--bench-no-memory")
+    written = out_json
+    if args.jsonl:
+        out_jsonl = os.path.join(os.path.abspath(args.out), f"{name}.jsonl")
+        open(out_jsonl, "w").close()    # this run's points only
+        command += ["--bench-results-jsonl", out_jsonl]
+        written += f" and {out_jsonl}"
     started = time.perf_counter()
     code = pytest.main(command + pytest_args)
     print(f"benchmarks: {profile} on {args.device} took {time.perf_counter() - started:.0f} s; "
-          f"results in {out_json}")
+          f"results in {written}")
     return int(code)
 
 
