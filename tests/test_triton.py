@@ -217,9 +217,11 @@ def run_compile_check(*args: str):
     import sys
     from pathlib import Path
 
+    # Run from the folder that holds the kcl_ext this process imported (the source tree, or
+    # site-packages for an installed wheel), so that the child imports the same build.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-m", "kcl_ext.triton.compile_check", *args],
-                          cwd=Path(__file__).resolve().parent.parent, env=env,
+                          cwd=Path(kcl_ext.__file__).resolve().parent.parent, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
