@@ -185,6 +185,16 @@ def _build_cce(k: int, device: str):
     return loss
 
 
+def _needs_cce(device: str) -> str | None:
+    missing = _needs_module("cut_cross_entropy", "cut-cross-entropy")(device)
+    if missing is None and device == "cuda":
+        import kcl_ext  # noqa: F401  (registers torch.ops.kcl)
+        # The positives come from kcl_ext.sample_positives on the device of the labels.
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("kcl::sample_positives", "CUDA"):
+            return "kcl_ext was built without CUDA kernels (kcl_ext.sample_positives on CUDA)"
+    return missing
+
+
 IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
     Impl("reference", "dense pure-PyTorch kpos_loss (kcl_ext.kpos_loss_reference), eager: the "
          "correctness yardstick", ("cpu", "cuda"), None, "kcl", _kcl_backend("reference"),
@@ -220,7 +230,7 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
          "queue, reduction='none') for the queue's log-sum-exp, logaddexp with the own logit, "
          "the positives of kcl_ext.sample_positives gathered (impl 'cce' on CUDA, "
          "'torch_compile' on the CPU)", ("cpu", "cuda"), None, "peer", _build_cce,
-         _needs_module("cut_cross_entropy", "cut-cross-entropy"), _kcl_logits),
+         _needs_cce, _kcl_logits),
 ]}
 
 # The fused op of each device: the implementation the others are compared with.

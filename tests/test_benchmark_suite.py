@@ -383,3 +383,14 @@ def test_render_reads_a_runs_json_as_its_published_table(tmp_path):
     from_table = render.load(str(tmp_path / "results" / "cpu.csv"))
     assert render.ratios(from_json) == render.ratios(from_table) != []
     assert from_json["kcl"]["skipped"] == from_table["kcl"]["skipped"] != []
+
+
+def test_cut_cross_entropy_on_cuda_needs_kcl_exts_cuda_positives():
+    # Its positives come from kcl_ext.sample_positives on the labels' device: without kcl_ext's
+    # CUDA kernels the GPU point is skipped with that reason instead of failing.
+    has_cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("kcl::sample_positives",
+                                                                       "CUDA")
+    reason = IMPLS["cut_ce"].needs("cuda")
+    assert (reason is None) == has_cuda_kernels
+    assert has_cuda_kernels or "without CUDA kernels" in reason
+    assert IMPLS["cut_ce"].needs("cpu") is None
