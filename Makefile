@@ -162,12 +162,13 @@ demo-loss: build
 # benchmarks/results/cpu.csv and its metadata cpu.meta.json, then renders the README's benchmark
 # section and the plots from benchmarks/results/.
 BENCH_OUT ?= runs/bench
+BENCH_NOTE ?=
 bench: export OMP_WAIT_POLICY ?= passive
 bench: build
 	$(PY) -m benchmarks.run --device cpu --out $(BENCH_OUT)
 
 bench-publish: $(STAMP)
-	$(PY) -m benchmarks.publish $(BENCH_OUT)/cpu.json
+	$(PY) -m benchmarks.publish $(BENCH_OUT)/cpu.json $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
 
 # Wheels for Python 3.12 of what the GPU machine's image lacks (tools/gpu_check.sh): carried to it in
 # the ignored .whl/ folder (docs/benchmarks.md, "The GPU check").

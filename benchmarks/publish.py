@@ -18,12 +18,14 @@ from benchmarks import render, results_table
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def publish(run_json: str, results_dir: str) -> tuple[str, str]:
+def publish(run_json: str, results_dir: str, note: str | None = None) -> tuple[str, str]:
     with open(run_json) as f:
         data = json.load(f)
     if not data.get("benchmarks"):
         raise SystemExit(f"publish: {run_json} has no measured benchmark (nothing to publish)")
     rows, meta = results_table.from_pytest_benchmark(data)
+    if note:
+        meta["note"] = note
     if not meta.get("profile"):
         raise SystemExit(f"publish: {run_json} has no 'kcl' section with the run's profile; "
                          "expected the JSON that `python -m benchmarks.run` writes")
@@ -38,9 +40,11 @@ def main(argv=None):
                    help="folder of the committed tables (default: benchmarks/results)")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
     p.add_argument("--no-render", action="store_true", help="write the tables only")
+    p.add_argument("--note", help="the conditions of the run, in words (kept in the metadata, "
+                   "shown under the machine line): e.g. what else ran on the machine")
     args = p.parse_args(argv)
     for run_json in args.runs:
-        for path in publish(run_json, args.results):
+        for path in publish(run_json, args.results, args.note):
             print(f"published {path}")
     if not args.no_render:
         render.main(["--results", args.results, "--readme", args.readme])

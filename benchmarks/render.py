@@ -31,7 +31,7 @@ LABEL = {"fused_cpu": "fused C++ (CPU)", "cuda": "fused CUDA", "triton": "fused 
          "dense_compiled": "dense loss, torch.compile", "supcon_mask": "SupCon mask form, eager",
          "supcon_mask_compiled": "SupCon mask form, torch.compile",
          "chunked": "chunked eager (same algorithm)", "pml_supcon": "PML SupConLoss",
-         "inf_cl": "inf-cl", "cut_ce": "on cut-cross-entropy"}
+         "inf_cl": "inf-cl", "cut_ce": "KCL on cut-cross-entropy"}
 # The speed-up table compares the fused op with these, in this order (those measured).
 OTHERS = ("dense", "dense_compiled", "supcon_mask", "supcon_mask_compiled", "chunked",
           "pml_supcon", "inf_cl", "cut_ce")
@@ -312,6 +312,8 @@ def section(runs, readme_dir: str) -> str:
         lines += [f"### {kcl.get('device', '?').upper()}: {os.path.basename(run['path'])}", "",
                   f"Machine: {_machine_line(run)}. Source: [`{rel}`]({rel}) "
                   f"([metadata]({rel_meta})).", ""]
+        if kcl.get("note"):
+            lines += [f"Conditions: {kcl['note']}", ""]
         for mode in MODES:
             lines += _time_memory_table(run, mode) + [""]
         skipped = kcl.get("skipped", [])

@@ -1,7 +1,8 @@
 """The committed form of a benchmark run: one flat CSV and a small metadata JSON.
 
   benchmarks/results/<profile>.csv        one row per point and implementation (COLUMNS)
-  benchmarks/results/<profile>.meta.json  commit, date, machine, torch, profile, ceilings
+  benchmarks/results/<profile>.meta.json  commit, date, machine, torch, profile, ceilings (and
+                                          the publisher's note on the conditions, if any)
 
 `from_pytest_benchmark` builds both from the JSON that `python -m benchmarks.run` writes
 (pytest-benchmark's, which stays in the run's ignored output folder); `write` and `read` are the

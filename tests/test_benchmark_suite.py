@@ -293,12 +293,14 @@ def test_render_writes_table_ratios_and_plots(tmp_path):
     results = tmp_path / "results"
     readme = tmp_path / "README.md"
     readme.write_text("# project\n\nintro\n")
-    publish.main([str(run_json), "--results", str(results), "--readme", str(readme)])
+    publish.main([str(run_json), "--results", str(results), "--readme", str(readme),
+                  "--note", "a quiet test machine."])
     text = readme.read_text()
+    assert "\nConditions: a quiet test machine.\n" in text
     assert text.startswith("# project\n\nintro\n") and render.BEGIN in text
     assert "commit `0123456789`" in text and "skipped" in text
     assert "[`results/cpu.csv`](results/cpu.csv)" in text
-    assert "| on cut-cross-entropy, k=6 | 8.19 / 4.0 | 131 / 64.0 |" in text
+    assert "| KCL on cut-cross-entropy, k=6 | 8.19 / 4.0 | 131 / 64.0 |" in text
     # the dense loss takes 3x the fused op and 64x its memory at Q=65536, cut-cross-entropy 2x,
     # as put in the fake run; the fused op is at twice its GEMM bound
     run = render.load(str(results / "cpu.csv"))
