@@ -72,8 +72,8 @@ def cce_kpos_loss(query, key, queue, query_labels, queue_labels, k: int, tempera
     The queue is the classifier matrix and the query scaled by 1/tau the embedding, so
     `linear_cross_entropy(query / tau, queue, targets, reduction="none")` gives
     lse_{j in queue}(s_ij) - s_i,t_i without the N x Q logits (impl="cce", its Triton kernels; on
-    the CPU impl="torch_compile", the compiled dense form). The target t_i is any column (here the
-    first): adding back s_i,t_i = (q_i / tau) . queue_t_i recovers the queue's log-sum-exp,
+    the CPU impl="torch_compile", the compiled dense form). The target t_i is any column (here
+    i mod Q): adding back s_i,t_i = (q_i / tau) . queue_t_i recovers the queue's log-sum-exp,
     `logaddexp` with the own logit s_i0 gives L_i, and the row is L_i minus the mean of s_i0 and
     the logits of the positives that kcl_ext.sample_positives selects for `seed` (the ones
     kpos_loss selects), gathered from the queue: exactly kpos_loss's row.
@@ -100,10 +100,13 @@ def cce_kpos_loss(query, key, queue, query_labels, queue_labels, k: int, tempera
     if classifier.size(0) == 0:
         lse = own
     else:
-        targets = torch.zeros(query.size(0), dtype=torch.int64, device=query.device)
+        # Row i's target is column i mod Q: spread over the queue, the target logit's gradient,
+        # which cancels the one-hot part of cross-entropy's, loses at most one row's rounding on
+        # each queue row (one target column for every row summed N such cancellations into it).
+        targets = torch.arange(query.size(0), device=query.device) % classifier.size(0)
         lse_minus_target = linear_cross_entropy(scaled, classifier, targets, reduction="none",
                                                 impl=impl)
-        target_logit = scaled @ classifier[0]                                    # s_i,t_i
+        target_logit = (scaled * classifier[targets]).sum(1)                     # s_i,t_i
         lse = torch.logaddexp(lse_minus_target.to(acc) + target_logit.to(acc), own)
     selected = positives >= 0
     gathered = classifier[positives.clamp(min=0)] if classifier.size(0) else \

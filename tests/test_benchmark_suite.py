@@ -142,7 +142,7 @@ def test_cut_cross_entropy_form_without_the_target_logit_fails_the_check(monkeyp
     linear_cross_entropy = cut_cross_entropy.linear_cross_entropy
 
     def lse_minus_target_as_lse(e, c, targets, **kwargs):
-        return linear_cross_entropy(e, c, targets, **kwargs) - e @ c[0]
+        return linear_cross_entropy(e, c, targets, **kwargs) - (e * c[targets]).sum(1)
 
     monkeypatch.setattr(cut_cross_entropy, "linear_cross_entropy", lse_minus_target_as_lse)
     inputs = make_inputs(16, 256, 32, torch.float32, classes=5)
