@@ -22,7 +22,7 @@ CUDA_BUILD := build-cuda
 CUDA_ARCHS ?= 8.0;9.0
 
 .PHONY: venv build test test-python test-cmake data demo demo-quick demo-loss clean build-cuda-check \
-	cuda-resources bench test-oldest gpu-wheels
+	cuda-resources bench bench-publish test-oldest gpu-wheels
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -157,11 +157,18 @@ demo-quick: build data
 demo-loss: build
 	$(PY) -m benchmarks.demo_loss --q 4096 16384 65536
 
-# The CPU benchmark suite (docs/benchmarks.md): JSON in benchmarks/results/, then the README's
-# benchmark section and the plots rendered from it.
+# The CPU benchmark suite (docs/benchmarks.md): pytest-benchmark's JSON into $(BENCH_OUT) (ignored);
+# tracked files stay as they are. `make bench-publish` turns that run into the committed flat table
+# benchmarks/results/cpu.csv and its metadata cpu.meta.json, then renders the README's benchmark
+# section and the plots from benchmarks/results/.
+BENCH_OUT ?= runs/bench
+BENCH_NOTE ?=
+bench: export OMP_WAIT_POLICY ?= passive
 bench: build
-	$(PY) -m benchmarks.run --device cpu --out benchmarks/results
-	$(PY) -m benchmarks.render
+	$(PY) -m benchmarks.run --device cpu --out $(BENCH_OUT)
+
+bench-publish: $(STAMP)
+	$(PY) -m benchmarks.publish $(BENCH_OUT)/cpu.json $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
 
 # Wheels for Python 3.12 of what the GPU machine's image lacks (tools/gpu_check.sh): expecttest
 # (torch.library.opcheck imports it) and the benchmark's peers. All four are pure Python and need

@@ -3,10 +3,11 @@
 The loss is a sum of independent rows (the positive selection depends on the row index, which a
 prefix keeps), so the check runs each implementation on the first CHECK_ROWS queries against the
 full queue, the very inputs it is timed on, and compares it with the dense reference there:
-  - kpos_loss backends and what users write instead (the dense loss eager and compiled, SupCon's
-    form, the chunked version): the loss and, for forward+backward, the gradients the point
-    times, against kcl_ext.kpos_loss_reference (the dense user losses with kpos_loss's positives
-    handed to them, where they would draw their own at random);
+  - kpos_loss backends, what users write instead (the dense loss eager and compiled, SupCon's
+    form, the chunked version) and kpos_loss written on cut-cross-entropy: the loss and, for
+    forward+backward, the gradients the point times, against kcl_ext.kpos_loss_reference (the
+    dense user losses with kpos_loss's positives handed to them, where they would draw their own
+    at random);
   - the reference itself: against the fused op of the device;
   - pytorch-metric-learning's SupConLoss (k = -1): its per-row losses and its reduced loss against
     the ones derived exactly from the reference's kpos_loss rows (benchmarks/peers.py);
@@ -84,7 +85,7 @@ def check_agreement(impl: Impl, inputs, k: int, grads, device: str) -> dict:
     got_fn = (impl.build_check or impl.build)(k, device)
     report = {"check_rows": rows, "check_tolerance": TOLERANCE[dtype]}
 
-    if impl.family in ("kcl", "user"):
+    if impl.computes_kpos:
         if impl.name == "reference":
             other, other_device = _fused_for(device)
             expected_inputs = _rows([t.to(other_device) for t in inputs], rows, grads)

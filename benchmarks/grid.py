@@ -11,14 +11,16 @@ as skipped, with the reason, not dropped.
   cpu         `make bench`: N = 256 (MoCo's batch), Q from 4096 to 65536, float32, k = 6 (the
               paper's) and k = -1, the fused op beside the dense loss users write (eager and
               compiled), the chunked eager version of the same algorithm and, at k = -1, SupCon's
-              form and pytorch-metric-learning's SupConLoss; at Q = 65536 also all three
+              form and pytorch-metric-learning's SupConLoss, and kpos_loss written on
+              cut-cross-entropy (its torch.compile form on the CPU); at Q = 65536 also all three
               gradients, N = 1024 and bfloat16; the fused op alone to Q = 262144 (scaling).
               Dense budget N*Q <= 2^26.
   cuda        the whole GPU grid: N in {256, 1024, 4096}, Q to 262144 (1M for the scaling run),
-              float32 and bfloat16, k = 6, -1 and 0 (with inf-cl).
+              float32 and bfloat16, k = 6, -1 and 0 (with inf-cl), cut-cross-entropy at each k.
   cuda-check  the GPU check script's profile (tools/gpu_check.sh), a few minutes: N = 256,
               Q = 65536, bfloat16 and float32, k in {0, 6, -1}, the fused CUDA and Triton kernels
-              beside the dense loss eager and compiled and inf-cl (k = 0); then N = 4096. The
+              beside the dense loss eager and compiled, inf-cl (k = 0) and cut-cross-entropy's
+              Triton kernels (bfloat16, k = 6 and 0); then N = 4096. The
               compiled points come first, so that a slow compilation is timed early.
   smoke       tiny shapes, every implementation, to check the suite itself in seconds.
 """
@@ -85,12 +87,13 @@ def cases(profile: str) -> list[Case]:
     supcon = ("supcon_mask", "supcon_mask_compiled", "pml_supcon")
     if profile == "cpu":
         qs = (4096, 16384, 65536)
-        out = list(_cases(("fused_cpu",) + users, (256,), qs, ("float32",), (6, -1), 26))
+        out = list(_cases(("fused_cpu",) + users + ("cut_ce",), (256,), qs, ("float32",),
+                          (6, -1), 26))
         out += _cases(supcon, (256,), qs, ("float32",), (-1,), 26)
-        out += _cases(("fused_cpu", "dense", "dense_compiled"), (256,), (65536,), ("float32",),
-                      (6, -1), 26, modes=("forward+backward",), grads="all")
-        out += _cases(("fused_cpu",) + users, (1024,), (65536,), ("float32",), (6, -1), 26,
-                      modes=("forward+backward",))
+        out += _cases(("fused_cpu", "dense", "dense_compiled", "cut_ce"), (256,), (65536,),
+                      ("float32",), (6, -1), 26, modes=("forward+backward",), grads="all")
+        out += _cases(("fused_cpu",) + users + ("cut_ce",), (1024,), (65536,), ("float32",),
+                      (6, -1), 26, modes=("forward+backward",))
         out += _cases(("fused_cpu", "dense", "dense_compiled"), (256,), (65536,), ("bfloat16",),
                       (6,), 26,
                       modes=("forward+backward",))
@@ -98,11 +101,12 @@ def cases(profile: str) -> list[Case]:
     elif profile == "cuda":
         ns, qs = (256, 1024, 4096), (4096, 16384, 65536, 262144)
         fused = ("cuda", "triton")
-        out = list(_cases(fused + ("dense", "dense_compiled"), ns, qs, ("float32", "bfloat16"),
-                          (6,), 28))
-        out += _cases(fused + ("dense", "dense_compiled", "chunked") + supcon, (256,), qs,
-                      ("float32", "bfloat16"), (-1,), 28)
-        out += _cases(fused + ("dense", "inf_cl"), (256,), qs, ("float32", "bfloat16"), (0,), 28)
+        out = list(_cases(fused + ("dense", "dense_compiled", "cut_ce"), ns, qs,
+                          ("float32", "bfloat16"), (6,), 28))
+        out += _cases(fused + ("dense", "dense_compiled", "chunked", "cut_ce") + supcon, (256,),
+                      qs, ("float32", "bfloat16"), (-1,), 28)
+        out += _cases(fused + ("dense", "inf_cl", "cut_ce"), (256,), qs, ("float32", "bfloat16"),
+                      (0,), 28)
         out += _cases(fused + ("dense", "dense_compiled"), (256,), (65536,), ("bfloat16",), (6,),
                       28, modes=("forward+backward",), grads="all")
         out += _cases(fused, (256,), (524288, 1048576), ("float32",), (6,), 28)  # scaling run
@@ -113,6 +117,7 @@ def cases(profile: str) -> list[Case]:
                           modes=("forward+backward",)))
         out += _cases(fused + ("dense",), (256,), (65536,), ("bfloat16", "float32"), (6, -1), 28)
         out += _cases(fused + ("dense", "inf_cl"), (256,), (65536,), ("bfloat16",), (0,), 28)
+        out += _cases(("cut_ce",), (256,), (65536,), ("bfloat16",), (6, 0), 28)
         out += _cases(fused + ("dense",), (4096,), (65536,), ("bfloat16",), (6,), 28,
                       modes=("forward+backward",))
         out += _cases(("dense_compiled",), (256,), (65536,), ("float32",), (6,), 28,

@@ -8,8 +8,8 @@ knows about them.
 
 Families: "kcl" (kpos_loss's own backends and its dense reference, the correctness yardstick),
 "user" (what users write instead: benchmarks/baselines.py, the yardsticks of the speed claims) and
-"peer" (other libraries: they compute a related loss, and `benchmarks/peers.py` maps one onto the
-other exactly).
+"peer" (other libraries: SupConLoss and inf-cl compute a related loss, and `benchmarks/peers.py`
+maps one onto the other exactly; on cut-cross-entropy a user writes kpos_loss itself).
 """
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ class Impl:
     # one (the dense user losses draw random positives; the check hands them kpos_loss's).
     build_check: Callable[[int, str], Callable] | None = None
     grads: tuple[str, ...] = ("query", "key", "queue")   # inputs it can differentiate
+    # Whether it computes kpos_loss itself (checked against the reference directly), not a related
+    # loss that benchmarks/peers.py maps onto it.
+    computes_kpos: bool = True
 
     def unavailable(self, device: str) -> str | None:
         if device not in self.devices:
@@ -168,6 +171,30 @@ def _build_inf_cl(k: int, device: str):
     return loss
 
 
+# cut-cross-entropy's implementation on each device: its Triton kernels need a GPU; on the CPU its
+# torch.compile form (the logits materialised, compiled).
+CCE_IMPL = {"cuda": "cce", "cpu": "torch_compile"}
+
+
+def _build_cce(k: int, device: str):
+    from benchmarks import peers
+
+    def loss(query, key, queue, query_labels, queue_labels):
+        return peers.cce_kpos_loss(query, key, queue, query_labels, queue_labels, k, TEMPERATURE,
+                                   SEED, CCE_IMPL[device])
+    return loss
+
+
+def _needs_cce(device: str) -> str | None:
+    missing = _needs_module("cut_cross_entropy", "cut-cross-entropy")(device)
+    if missing is None and device == "cuda":
+        import kcl_ext  # noqa: F401  (registers torch.ops.kcl)
+        # The positives come from kcl_ext.sample_positives on the device of the labels.
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("kcl::sample_positives", "CUDA"):
+            return "kcl_ext was built without CUDA kernels (kcl_ext.sample_positives on CUDA)"
+    return missing
+
+
 IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
     Impl("reference", "dense pure-PyTorch kpos_loss (kcl_ext.kpos_loss_reference), eager: the "
          "correctness yardstick", ("cpu", "cuda"), None, "kcl", _kcl_backend("reference"),
@@ -195,10 +222,15 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
     Impl("pml_supcon", "pytorch-metric-learning SupConLoss, queue as ref_emb (k = -1)",
          ("cpu", "cuda"), (-1,), "peer", _build_pml,
          _needs_module("pytorch_metric_learning", "pytorch-metric-learning"),
-         lambda n, q: q),
+         lambda n, q: q, computes_kpos=False),
     Impl("inf_cl", "inf-cl cal_flash_loss over [keys; queue] (k = 0)",
          ("cuda",), (0,), "peer", _build_inf_cl, _needs_module("inf_cl", "inf-cl"),
-         lambda n, q: n + q),
+         lambda n, q: n + q, computes_kpos=False),
+    Impl("cut_ce", "kpos_loss written on cut-cross-entropy: linear_cross_entropy(query / tau, "
+         "queue, reduction='none') for the queue's log-sum-exp, logaddexp with the own logit, "
+         "the positives of kcl_ext.sample_positives gathered (impl 'cce' on CUDA, "
+         "'torch_compile' on the CPU)", ("cpu", "cuda"), None, "peer", _build_cce,
+         _needs_cce, _kcl_logits),
 ]}
 
 # The fused op of each device: the implementation the others are compared with.

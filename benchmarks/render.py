@@ -1,8 +1,9 @@
-"""Renders the committed benchmark JSON into the README's benchmark section and two plots.
+"""Renders the committed benchmark tables into the README's benchmark section and two plots.
 
   python -m benchmarks.render [--results benchmarks/results] [--readme README.md]
 
-For each benchmarks/results/<profile>.json: a table of time and peak extra memory against Q per
+For each benchmarks/results/<profile>.csv (with <profile>.meta.json beside it, written by
+`python -m benchmarks.publish`): a table of time and peak extra memory against Q per
 implementation, the speed-ups of the fused op over what users write instead (the dense loss eager
 and compiled, SupCon's form, the chunked eager algorithm) and over the peers, measured in the same
 run, with its distance to the GEMM bound, the rates at the headline shape beside the run's
@@ -18,6 +19,8 @@ import json
 import math
 import os
 
+from benchmarks import results_table
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- BENCHMARKS:BEGIN (python -m benchmarks.render) -->", "<!-- BENCHMARKS:END -->"
 HEADLINE = {"n": 256, "q": 65536, "d": 128, "dtype": "float32"}
@@ -28,24 +31,26 @@ LABEL = {"fused_cpu": "fused C++ (CPU)", "cuda": "fused CUDA", "triton": "fused 
          "dense_compiled": "dense loss, torch.compile", "supcon_mask": "SupCon mask form, eager",
          "supcon_mask_compiled": "SupCon mask form, torch.compile",
          "chunked": "chunked eager (same algorithm)", "pml_supcon": "PML SupConLoss",
-         "inf_cl": "inf-cl"}
+         "inf_cl": "inf-cl", "cut_ce": "KCL on cut-cross-entropy"}
 # The speed-up table compares the fused op with these, in this order (those measured).
 OTHERS = ("dense", "dense_compiled", "supcon_mask", "supcon_mask_compiled", "chunked",
-          "pml_supcon", "inf_cl")
+          "pml_supcon", "inf_cl", "cut_ce")
 
 
 def load(path: str) -> dict:
-    with open(path) as f:
-        data = json.load(f)
-    rows = []
-    for bench in data["benchmarks"]:
-        info = dict(bench["extra_info"])
-        info["median_s"] = bench["stats"]["median"]
-        info["iqr_s"] = bench["stats"]["iqr"]
-        info["rounds"] = bench["stats"]["rounds"]
-        rows.append(info)
-    return {"path": path, "rows": rows, "kcl": data.get("kcl", {}),
-            "machine": data.get("machine_info", {}), "datetime": data.get("datetime")}
+    """One run: its measured rows, its skipped points and its metadata, from a committed table
+    (<profile>.csv beside <profile>.meta.json) or straight from a run's pytest-benchmark JSON (as
+    tools/gpu_report.py reads the GPU check's)."""
+    if path.endswith(".json"):
+        with open(path) as f:
+            rows, meta = results_table.from_pytest_benchmark(json.load(f))
+    else:
+        rows, meta = results_table.read(path)
+    kcl = {key: value for key, value in meta.items() if key != "machine"}
+    kcl["skipped"] = [{**row, "reason": row["skip_reason"]} for row in rows
+                      if row["status"] == "skipped"]
+    return {"path": path, "rows": [row for row in rows if row["status"] == "measured"],
+            "kcl": kcl, "machine": meta.get("machine", {})}
 
 
 def _key(row) -> tuple:
@@ -97,7 +102,7 @@ def _machine_line(run) -> str:
         load_text += f", OMP_WAIT_POLICY={m['omp_wait_policy']}"
     dirty = " (with uncommitted changes)" if kcl.get("commit_dirty") else ""
     return (f"{device}; torch {m.get('torch', '?')}; commit `{kcl.get('commit', '?')[:10]}`{dirty}; "
-            f"{kcl.get('date_utc', run.get('datetime', '?'))}{load_text}")
+            f"{kcl.get('date_utc', '?')}{load_text}")
 
 
 def _time_memory_table(run, mode: str) -> list[str]:
@@ -145,11 +150,11 @@ def _rates_table(run) -> list[str]:
     rows.sort(key=lambda r: (r["mode"], _grads(r), r["k"] != 6, r["impl"] not in FUSED,
                              r["impl"]))
     for r in rows:
-        error = max(r.get("check_loss_error", 0), r.get("check_grad_error", 0))
+        error = max(r.get("check_loss_error") or 0, r.get("check_grad_error") or 0)
         lines.append(
             f"| {_series_name(r['impl'], r['k'])} | {_mode_label(r)} | {_ms(r['median_s'])} | "
-            f"{r['gflops']:.1f} | {100 * r.get('fraction_of_matmul_ceiling', 0):.1f} | "
-            f"{r['gbps']:.2f} | {100 * r.get('fraction_of_copy_ceiling', 0):.2f} | "
+            f"{r['gflops']:.1f} | {100 * (r.get('fraction_of_matmul_ceiling') or 0):.1f} | "
+            f"{r['gbps']:.2f} | {100 * (r.get('fraction_of_copy_ceiling') or 0):.2f} | "
             f"{r.get('compared_with', '?')} | {error:.1e} |")
     return lines
 
@@ -292,17 +297,23 @@ def plot(run, out_prefix: str) -> list[str]:
 
 def section(runs, readme_dir: str) -> str:
     lines = [BEGIN, "", "## Benchmarks", "",
-             "Measured by `make bench` (`python -m benchmarks.run`, a pytest-benchmark suite) and "
-             "rendered from the committed JSON in `benchmarks/results/` by "
-             "`python -m benchmarks.render`. Every point first checks that the implementation "
+             "Measured by `make bench` (`python -m benchmarks.run`, a pytest-benchmark suite), "
+             "published by `make bench-publish` into the committed tables in "
+             "`benchmarks/results/` (one CSV row per point and implementation, a metadata JSON "
+             "beside it) and rendered from them by `python -m benchmarks.render`. Every point "
+             "first checks that the implementation "
              "agrees with its counterpart on the same inputs; how FLOPs, bytes and memory are "
              "counted, which points a CPU run skips and how the peers map onto kpos_loss is in "
              "[docs/benchmarks.md](docs/benchmarks.md).", ""]
     for run in runs:
         kcl = run["kcl"]
         rel = os.path.relpath(run["path"], readme_dir)
+        rel_meta = rel[: -len(".csv")] + ".meta.json"
         lines += [f"### {kcl.get('device', '?').upper()}: {os.path.basename(run['path'])}", "",
-                  f"Machine: {_machine_line(run)}. Source: [`{rel}`]({rel}).", ""]
+                  f"Machine: {_machine_line(run)}. Source: [`{rel}`]({rel}) "
+                  f"([metadata]({rel_meta})).", ""]
+        if kcl.get("note"):
+            lines += [f"Conditions: {kcl['note']}", ""]
         for mode in MODES:
             lines += _time_memory_table(run, mode) + [""]
         skipped = kcl.get("skipped", [])
@@ -334,11 +345,12 @@ def update_readme(readme: str, text: str):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"),
-                   help="folder of pytest-benchmark JSON files (its subfolders are not read)")
+                   help="folder of the published tables <profile>.csv (subfolders are not read)")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
     args = p.parse_args(argv)
-    paths = sorted(glob.glob(os.path.join(args.results, "*.json")),
-                   key=lambda path: (os.path.basename(path) != "cpu.json", path))
+    paths = sorted((path for path in glob.glob(os.path.join(args.results, "*.csv"))
+                    if os.path.exists(path[: -len(".csv")] + ".meta.json")),
+                   key=lambda path: (os.path.basename(path) != "cpu.csv", path))
     runs = []
     for path in paths:
         run = load(path)

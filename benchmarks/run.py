@@ -1,16 +1,18 @@
 """Runs the kpos_loss benchmark suite and writes its JSON: `python -m benchmarks.run --device cpu`.
 
-  python -m benchmarks.run --device cpu  --out benchmarks/results    # make bench (CPU subset)
+  python -m benchmarks.run --device cpu  --out runs/bench            # make bench (CPU subset)
   python -m benchmarks.run --device cuda --out DIR                   # the whole GPU grid
   python -m benchmarks.run --device cuda --profile cuda-check --out DIR   # tools/gpu_check.sh's
   python -m benchmarks.run --profile smoke --no-memory               # the suite itself, in seconds
 
 The JSON (pytest-benchmark's, plus a "kcl" section with device, commit, date, the ceilings and the
-skipped points) goes to OUT/<name>.json (the name defaults to the profile), written when the run
-ends. With --jsonl each point is also appended to OUT/<name>.jsonl (one JSON line: the case, its
-statistics and extra_info, or the reason it was skipped) the moment it is measured, so a run cut
-short keeps the points it finished (tools/gpu_check.sh). `python -m benchmarks.render` turns the
-committed JSON into the README table and the plots. Extra arguments go to pytest (e.g. `-k fused`).
+skipped points) goes to OUT/<name>.json (the name defaults to the profile; default OUT:
+runs/bench, ignored by git), written when the run ends. With --jsonl each point is also appended
+to OUT/<name>.jsonl (one JSON line: the case, its statistics and extra_info, or the reason it was
+skipped) the moment it is measured, so a run cut short keeps the points it finished
+(tools/gpu_check.sh). `python -m benchmarks.publish OUT/<profile>.json` turns a run into the
+committed table benchmarks/results/<profile>.csv and renders the README and plots. Extra
+arguments go to pytest (e.g. `-k fused`).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--profile", choices=("cpu", "cuda", "cuda-check", "smoke"), default=None,
                    help="grid of points (default: the device's; see benchmarks/grid.py)")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench"),
                    help="folder of the JSON result")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     p.add_argument("--name", default=None,
