@@ -1,4 +1,5 @@
 """kcl_ext: fused k-positive contrastive loss (KCL) for PyTorch."""
+from .kcl import KCL
 from .memory_bank import MemoryBank
 from .ops import BACKENDS, KPositiveContrastiveLoss, kpos_loss, sample_positives
 from .reference import kpos_loss_reference, sample_positives_reference
@@ -7,6 +8,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "KCL",
     "KPositiveContrastiveLoss",
     "MemoryBank",
     "kpos_loss",
