@@ -30,8 +30,7 @@ import torch.nn as nn
 
 import metrics as kmetrics
 from errors import DataError, TrainingError
-from probe import LinearProbe
-from schedule import lr_at, set_lr
+from probe import LinearProbe, cached_batches
 
 
 def check_balanced(labels: torch.Tensor, num_classes: int, what: str = "balanced split") -> int:
@@ -75,12 +74,8 @@ def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, num_clas
                         distributed=False)
     cpu_labels = labels.cpu()
     for epoch in range(options.epochs):
-        lr = lr_at(options, epoch)
-        set_lr(probe.optimizer, lr)
-        loss_sum = torch.zeros((), device=features.device)
-        for batch in probe.epoch_batches(cpu_labels, epoch):
-            rows = torch.as_tensor(batch, dtype=torch.int64, device=features.device)
-            loss_sum += probe.step(features[rows], labels[rows])
+        batches = probe.epoch_batches(cpu_labels, epoch)
+        loss_sum, _, lr = probe.train_epoch(cached_batches(features, labels, batches), epoch)
         if not math.isfinite(float(loss_sum)):
             raise TrainingError(f"the linear classifier diverged at epoch {epoch + 1} "
                                 f"(learning rate {lr:g}); lower stage2.lr")

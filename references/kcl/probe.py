@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from kcl_ext import distributed as kdist
 import data as kdata
 import metrics as kmetrics
+from schedule import lr_at, set_lr
 
 
 class LinearProbe:
@@ -66,6 +67,21 @@ class LinearProbe:
         return kdata.shuffled_batches(labels.numel(), s2.batch_size, self.seed,
                                       10_000 + epoch)
 
+    def train_epoch(self, source, epoch: int, after_step=None) -> tuple[torch.Tensor, int, float]:
+        """One epoch of the classifier (stage 2, and every classifier on cached features):
+        the learning rate of `epoch`, then a step per (features, labels) batch of `source`,
+        `after_step(loss, lr)` after each. Returns (the loss sum on the device, steps, lr)."""
+        lr = lr_at(self.stage2, epoch)
+        set_lr(self.optimizer, lr)
+        loss_sum, steps = torch.zeros((), device=self.device), 0
+        for features, labels in source:
+            loss = self.step(features, labels.to(self.device, non_blocking=True))
+            loss_sum += loss
+            steps += 1
+            if after_step is not None:
+                after_step(loss, lr)
+        return loss_sum, steps, lr
+
     def step(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One SGD step on a local batch of features; returns the loss (no host sync)."""
         self.classifier.train()
@@ -74,6 +90,14 @@ class LinearProbe:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+
+def cached_batches(features: torch.Tensor, labels: torch.Tensor, batches):
+    """(features, labels) of each batch of row indices, from features cached on the device: one
+    copy of all the indices to the device, then no host sync per step."""
+    rows = torch.as_tensor(batches, dtype=torch.int64).to(features.device) if batches else []
+    labels = labels.to(features.device)
+    return ((features[index], labels[index]) for index in rows)
 
 
 def _sharded(views, fn, *, batch_size: int, device: torch.device, pool: kdata.LoaderPool,

@@ -492,6 +492,12 @@ def features_of(run: Run, dataset, name: str) -> torch.Tensor:
                                    **sharded_options(run, f"{name} features"))
 
 
+@torch.no_grad()
+def backbone_features(run: Run, images: torch.Tensor) -> torch.Tensor:
+    with autocast(run):
+        return run.backbone(to_device(run, images)).float()
+
+
 def train_classifier(run: Run, cached: torch.Tensor | None) -> None:
     """One stage-2 epoch of the linear classifier on the frozen backbone: on the cached training
     features (`stage2.augment: false`), else on augmented images through the backbone."""
@@ -499,30 +505,20 @@ def train_classifier(run: Run, cached: torch.Tensor | None) -> None:
     probe = classifier(run)
     batches = probe.epoch_batches(train_labels(run), pos.epoch)
     todo = local_batches(run, batches[pos.step_in_epoch:])
-    lr = lr_at(s2, pos.epoch)
-    set_lr(probe.optimizer, lr)
     run.backbone.eval()
     meter = run.progress.epoch(f"stage 2 epoch {pos.epoch + 1}/{s2.epochs}", len(todo),
                                s2.batch_size, epochs_left=s2.epochs - pos.epoch - 1)
+    # The meter times the wait for data: the loader's batches, not the backbone's forward.
     if cached is not None:
-        # One copy of the epoch's indices to the device, then no host sync per step.
-        all_labels = train_labels(run).to(run.device)
-        rows = torch.as_tensor(todo, dtype=torch.int64).to(run.device) if todo else []
-        source = ((cached[index], all_labels[index]) for index in rows)
+        source = meter.wrap(kprobe.cached_batches(cached, train_labels(run), todo))
     else:
         views = kdata.SeededViews(run.data.train, run.data.train_transform, 1, run.cfg.seed)
         loader = run.pool.get("stage2", views, todo, epoch=10_000 + pos.epoch)
-        source = ((images, labels) for images, labels, _ in loader)
-    loss_sum, steps = torch.zeros((), device=run.device), 0
-    for inputs, labels in meter.wrap(source):
-        labels = labels.to(run.device, non_blocking=True)
-        if cached is None:
-            with torch.no_grad(), autocast(run):
-                inputs = run.backbone(to_device(run, inputs)).float()
-        loss = probe.step(inputs, labels)
-        loss_sum += loss
-        steps += 1
-        step_done(run, "stage2", loss, lr, meter)
+        source = ((backbone_features(run, images), labels)
+                  for images, labels, _ in meter.wrap(loader))
+    loss_sum, steps, lr = probe.train_epoch(
+        source, pos.epoch,
+        after_step=lambda loss, lr: step_done(run, "stage2", loss, lr, meter))
     epoch_done(run, "stage2", loss_sum, steps, lr, meter)
     every = run.cfg.eval.every_epochs
     if every and (pos.epoch + 1) % every == 0:
