@@ -13,10 +13,8 @@ CMAKE_BUILD := build-cmake
 JOBS ?= 2
 
 FMNIST_DIR := data/fashion-mnist
-# The Debian package dataset-fashion-mnist (MIT licence) installs the IDX files here.
-FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
-FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
-	t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+RECIPE := references/kcl
+STUDY := experiments/fmnist_lt_study
 DEMO_OUT := runs/demo
 CUDA_BUILD := build-cuda
 CUDA_ARCHS ?= 8.0;9.0
@@ -108,32 +106,32 @@ test-oldest: $(OLDEST)/.installed
 	cd $(OLDEST) && ../$(OLDEST_PY) -m kcl_ext.triton.compile_check --arch 90a --check-spills
 # --- end oldest stack -------------------------------------------------------------------------
 
-data: $(addprefix $(FMNIST_DIR)/,$(FMNIST_FILES))
-$(addprefix $(FMNIST_DIR)/,$(FMNIST_FILES)):
-	@if [ ! -f $(FMNIST_SYSTEM)/$(@F) ]; then \
-		echo "Installing the Debian package dataset-fashion-mnist (Fashion-MNIST IDX files)"; \
-		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
-	fi
-	mkdir -p $(FMNIST_DIR)
-	cp $(FMNIST_SYSTEM)/$(@F) $@
+# The Fashion-MNIST IDX files in $(FMNIST_DIR), checked (sizes and MD5 of their content): copied
+# from /usr/share/datasets/fashion-mnist where the Debian package dataset-fashion-mnist put them
+# (apt-get install dataset-fashion-mnist, as root), else downloaded by torchvision (a network);
+# references/kcl/get_data.py says what to do when neither works.
+data: $(FMNIST_DIR)/.checked
+$(FMNIST_DIR)/.checked: $(STAMP)
+	$(PY) $(RECIPE)/get_data.py --out $(FMNIST_DIR)
+	touch $@
 
-# The main job: the paired CE / FCL / KCL study on Fashion-MNIST-LT (configs/fmnist_lt_study.yaml,
+# The main job: the paired CE / FCL / KCL study on Fashion-MNIST-LT ($(STUDY)/study.yaml,
 # docs/training.md "The study"): the balanced-CE difficulty control, four class orderings built
 # from it, two seeds each, the three losses through both stages, the beta protocol on a
 # balanced held-out split, paired 95 % intervals, the positive control; one verdict table,
 # runs/demo/study.json, verdict.md and the plots. It replaces the previous study in runs/demo.
+# The committed results are in $(STUDY)/results/.
 DEMO_JOBS ?= 2
 # OpenMP threads that sleep instead of spinning when they wait: on a CPU shared with other jobs
 # spinning slows torch and the fused op several-fold (see the README); results do not change.
 demo: export OMP_WAIT_POLICY ?= passive
 demo: build data
 	@start=$$(date +%s); \
-	$(PY) -m kcl_ext.train study --config configs/fmnist_lt_study.yaml --out $(DEMO_OUT) \
+	$(PY) $(STUDY)/study.py --config $(STUDY)/study.yaml --out $(DEMO_OUT) \
 		--overwrite --jobs $(DEMO_JOBS) && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"
 
-# A quick smoke run of the harness: CE and KCL on the one class order of Fashion-MNIST-LT
+# A quick smoke run of the recipe: CE and KCL on the one class order of Fashion-MNIST-LT
 # (class c gets the c-th largest size), both stages, for each of DEMO_SEEDS; one table.
 # Each run replaces the previous one in its folder (--overwrite).
 DEMO_SEEDS ?= 0
@@ -142,14 +140,14 @@ demo-quick: export OMP_WAIT_POLICY ?= passive
 demo-quick: build data
 	@start=$$(date +%s); set -e; ce=; kcl=; \
 	for seed in $(DEMO_SEEDS); do \
-		$(PY) -m kcl_ext.train --config configs/fmnist_lt_ce.yaml --out $(DEMO_QUICK_OUT)/ce-seed$$seed \
+		$(PY) $(RECIPE)/train.py --config configs/fmnist_lt_ce.yaml --out $(DEMO_QUICK_OUT)/ce-seed$$seed \
 			--overwrite --set seed=$$seed; \
-		$(PY) -m kcl_ext.train --config configs/fmnist_lt_kcl.yaml --out $(DEMO_QUICK_OUT)/kcl-seed$$seed \
+		$(PY) $(RECIPE)/train.py --config configs/fmnist_lt_kcl.yaml --out $(DEMO_QUICK_OUT)/kcl-seed$$seed \
 			--overwrite --set seed=$$seed; \
 		ce=$${ce:+$$ce,}$(DEMO_QUICK_OUT)/ce-seed$$seed/report.json; \
 		kcl=$${kcl:+$$kcl,}$(DEMO_QUICK_OUT)/kcl-seed$$seed/report.json; \
 	done; \
-	$(PY) -m kcl_ext.train compare "CE=$$ce" "KCL=$$kcl" --markdown $(DEMO_QUICK_OUT)/table.md; \
+	$(PY) $(RECIPE)/compare.py "CE=$$ce" "KCL=$$kcl" --markdown $(DEMO_QUICK_OUT)/table.md; \
 	echo "plots: $(DEMO_QUICK_OUT)/*/per_class.png; table: $(DEMO_QUICK_OUT)/table.md"; \
 	echo "demo-quick wall time: $$(( $$(date +%s) - start )) s"
 

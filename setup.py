@@ -137,6 +137,8 @@ def _has_triton() -> bool:
 
 setup(
     license="MIT",  # here rather than in pyproject.toml: see its comment on `dynamic`
+    # The loss and what it needs at run time; the recipe (references/), the experiments and the
+    # tools stay in the repository.
     packages=find_packages(include=["kcl_ext", "kcl_ext.*"]),
     ext_modules=[build_config()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

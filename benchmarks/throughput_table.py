@@ -2,7 +2,7 @@
 
   python -m benchmarks.throughput_table RUN.json... [--table benchmarks/results/throughput.csv]
 
-Each `kcl-train throughput --json RUN.json` result becomes one row, named after its file (without
+Each `references/kcl/throughput.py --json RUN.json` result becomes one row, named after its file (without
 `.json`); a row of the same name is replaced, the others are kept. The numbers are copied as the
 JSON holds them: the summary (images/s, data-wait fraction and medians), the configuration, the
 provenance (commit, versions, device, the command) and the per-step times as space-separated
@@ -39,7 +39,7 @@ def row_from_json(path: str) -> dict:
         data = json.load(f)
     missing = [name for name in SUMMARY + ["per_step", "config", "provenance"] if name not in data]
     if missing:
-        raise ValueError(f"{path}: not a `kcl-train throughput --json` result (missing {missing})")
+        raise ValueError(f"{path}: not a `throughput.py --json` result (missing {missing})")
     provenance = data["provenance"]
     device = provenance.get("device", {})
     versions = provenance.get("versions", {})
@@ -80,7 +80,7 @@ def write(rows: dict[str, dict], table: str = TABLE):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="JSON files of `kcl-train throughput --json`")
+    p.add_argument("runs", nargs="+", help="JSON files of `references/kcl/throughput.py --json`")
     p.add_argument("--table", default=TABLE)
     args = p.parse_args(argv)
     rows = read(args.table) if os.path.exists(args.table) else {}

@@ -1,5 +1,6 @@
 """kcl_ext: fused k-positive contrastive loss (KCL) for PyTorch."""
 from ._backend_choice import resolve_backend, time_backends
+from .kcl import KCL
 from .memory_bank import MemoryBank
 from .ops import BACKENDS, KPositiveContrastiveLoss, kpos_loss, sample_positives
 from .reference import kpos_loss_reference, sample_positives_reference
@@ -8,6 +9,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "KCL",
     "KPositiveContrastiveLoss",
     "MemoryBank",
     "kpos_loss",

@@ -1,10 +1,22 @@
-"""Helpers of the training-harness tests: tiny generated data sets, tiny configs, gloo groups."""
+"""Helpers of the recipe's tests: tiny generated data sets, tiny configs, gloo groups.
+
+Importing it puts the recipe (references/kcl/, whose modules import each other by their plain
+names, as torchvision's references do) on sys.path; test modules import it first.
+"""
 from __future__ import annotations
 
 import gzip
 import os
 import socket
 import struct
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "references", "kcl")
+STUDY = os.path.join(ROOT, "experiments", "fmnist_lt_study")
+for _path in (STUDY, RECIPE):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import numpy as np
 import torch

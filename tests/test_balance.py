@@ -1,16 +1,19 @@
-"""The β protocol and the difficulty control (kcl_ext/training/balance.py) on tiny features whose
+"""The β protocol and the difficulty control (references/kcl/balance.py) on tiny features whose
 expected β, spread, worst class and relative accuracies are computed by hand."""
 import math
 
 import pytest
 import torch
 
-from kcl_ext.training import balance
-from kcl_ext.training.errors import DataError
+import _harness  # noqa: F401  (the recipe on sys.path)
 
-STAGE2 = {"epochs": 20, "batch_size": 4, "lr": 1.0, "momentum": 0.9, "weight_decay": 0.0,
-          "schedule": "step", "milestones": [15], "gamma": 0.1, "init_std": 0.01,
-          "class_balanced": True, "samples_per_class": 2, "augment": False}
+import balance
+from config import Stage2Config
+from errors import DataError
+
+STAGE2 = Stage2Config(epochs=20, batch_size=4, lr=1.0, momentum=0.9, weight_decay=0.0,
+                      schedule="step", milestones=[15], gamma=0.1, init_std=0.01,
+                      class_balanced=True, samples_per_class=2, augment=False)
 
 
 def axis_features(classes, scale=3.0):
@@ -108,17 +111,17 @@ def test_a_run_reports_feature_balance_and_saves_its_features(tmp_path):
     cached test features is the one a run without them computes, bit for bit."""
     import json
 
-    from kcl_ext.training import trainer
-    from kcl_ext.training.config import load_config
+    import train
+    from config import load_config
     from _harness import make_fashion_idx, tiny_config
 
     root = make_fashion_idx(str(tmp_path / "fm"))
     base = tiny_config(root, stage1={"loss": "ce", "epochs": 1}, stage2={"epochs": 2},
                        data={"max_per_class": 30})  # 10 of 40 images per class held out
-    plain = trainer.run(load_config(base=base), str(tmp_path / "plain"))
+    plain = train.train(load_config(base=base), str(tmp_path / "plain"))
     cfg = load_config(base=base, overrides=["data.balanced_per_class=5",
                                             "eval.save_features=true", "eval.plot=false"])
-    report = trainer.run(cfg, str(tmp_path / "balanced"))
+    report = train.train(cfg, str(tmp_path / "balanced"))
     for key in ("top1", "many", "medium", "few", "beta", "class_accuracy"):
         assert report[key] == plain[key], key
     fb = json.loads((tmp_path / "balanced" / "report.json").read_text())["feature_balance"]

@@ -361,7 +361,7 @@ def test_throughput_table_keeps_the_json_numbers_exactly(tmp_path):
     assert (row["torch"], row["device_name"], row["argv"]) == ("2.14.1", "cpu x",
                                                                "kcl-train throughput")
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(ValueError, match="not a `kcl-train throughput --json` result"):
+    with pytest.raises(ValueError, match="not a `throughput.py --json` result"):
         throughput_table.main([str(tmp_path / "bad.json"), "--table", str(table)])
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kcl_ext.training import data as kdata
 from _harness import make_fashion_idx, write_idx
+
+import data as kdata
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from kcl_ext.training import metrics
+import _harness  # noqa: F401  (the recipe on sys.path)
+
+import metrics
 
 
 def test_balancedness_hand_computed():
@@ -68,7 +70,7 @@ def test_plot_and_json(tmp_path):
 
 
 def test_compare_aggregates_seeds(tmp_path, capsys):
-    from kcl_ext.training import compare
+    import compare
 
     def report(seed, few, beta):
         path = tmp_path / f"r{seed}.json"

@@ -1,4 +1,4 @@
-"""The paired study (kcl_ext/training/study.py): orderings, the checks of a study file, the
+"""The paired study (experiments/fmnist_lt_study/study.py): orderings, the checks of a study file, the
 analysis on hand-made cells, and a tiny study end to end on generated images whose numbers
 do not depend on the number of worker processes."""
 import json
@@ -6,9 +6,10 @@ import json
 import pytest
 import yaml
 
-from kcl_ext.training import study
-from kcl_ext.training.errors import ConfigError, DataError, OutputError
 from _harness import make_fashion_idx, tiny_config
+
+import study
+from errors import ConfigError, DataError, OutputError
 
 
 def test_interleaved_orderings_hand_computed():

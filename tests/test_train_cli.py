@@ -1,8 +1,10 @@
-"""kcl-train as a user meets it: the output folder guard, resume with a changed config, the log
-of a non-terminal run, evaluate-only, stage 2 on a given stage-1 checkpoint, TensorBoard,
-a diverging run, --help, and the message when the `train` extra is missing.
+"""references/kcl/train.py as a user meets it: the output folder guard, resume with a changed
+config, the log of a non-terminal run, evaluate-only, stage 2 on a given stage-1 checkpoint,
+TensorBoard, a diverging run, --help, notes only about settings the user set, configs found from
+anywhere, and the message when a package the recipe needs is missing.
 
-The commands run in this process (kcl_ext.training.cli.main), on the tiny generated data set."""
+The commands run in this process (`main` through `errors.run_command`, as `python train.py`
+runs them), on the tiny generated data set."""
 import json
 import re
 import sys
@@ -12,9 +14,16 @@ import pytest
 import torch
 import yaml
 
-from kcl_ext.training import cli
-from kcl_ext.training.data import long_tailed_counts
 from _harness import make_fashion_idx, tiny_config
+
+import compare
+import train
+from data import long_tailed_counts
+from errors import run_command
+
+
+def cli(argv):
+    return run_command(train.main, argv, "train.py")
 
 
 @pytest.fixture(scope="module")
@@ -36,37 +45,37 @@ def short(fm_root, **sections):
 def test_non_empty_out_is_refused_without_resume_or_overwrite(fm_root, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", short(fm_root))
     out = str(tmp_path / "run")
-    assert cli.main(["--config", config, "--out", out]) == 0
+    assert cli(["--config", config, "--out", out]) == 0
     first = (tmp_path / "run" / "metrics.jsonl").read_text()
     capsys.readouterr()
-    assert cli.main(["--config", config, "--out", out]) == 2
+    assert cli(["--config", config, "--out", out]) == 2
     err = capsys.readouterr().err
-    assert f"kcl-train: error: output folder {out} is not empty" in err
+    assert f"train.py: error: output folder {out} is not empty" in err
     assert "--resume" in err and "--overwrite" in err and "Traceback" not in err
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == first  # nothing touched
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    assert cli.main(["--config", config, "--out", out, "--overwrite"]) == 0
+    assert cli(["--config", config, "--out", out, "--overwrite"]) == 0
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == first  # afresh, same seed
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # not ours: left alone
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x").write_text("")
-    assert cli.main(["--config", config, "--out", str(tmp_path / "other")]) == 2
+    assert cli(["--config", config, "--out", str(tmp_path / "other")]) == 2
 
 
 def test_resume_refuses_a_changed_config_and_prints_the_difference(fm_root, tmp_path, capsys):
     cfg = tiny_config(fm_root)  # 2 epochs per stage
     config = write_config(tmp_path / "c.yaml", cfg)
     out = str(tmp_path / "run")
-    assert cli.main(["--config", config, "--out", out]) == 0
+    assert cli(["--config", config, "--out", out]) == 0
     capsys.readouterr()
-    assert cli.main(["--config", config, "--out", out, "--resume",
+    assert cli(["--config", config, "--out", out, "--resume",
                      "--set", "stage2.lr=0.1", "--set", "stage1.k=3"]) == 2
     err = capsys.readouterr().err
     assert "--resume: this config differs" in err
     assert "stage1.k: 2 (checkpoint) -> 3 (now)" in err
     assert "stage2.lr: 0.5 (checkpoint) -> 0.1 (now)" in err
     # Settings that cannot change results may change.
-    assert cli.main(["--config", config, "--out", out, "--resume",
+    assert cli(["--config", config, "--out", out, "--resume",
                      "--set", "data.num_workers=1", "--set", "log_interval=5"]) == 0
     assert "data.num_workers: 0 (checkpoint) -> 1 (now)" in capsys.readouterr().err
 
@@ -74,7 +83,7 @@ def test_resume_refuses_a_changed_config_and_prints_the_difference(fm_root, tmp_
 def test_a_log_file_gets_one_line_per_epoch(fm_root, tmp_path, capsys):
     cfg = tiny_config(fm_root, progress="auto", eval={"every_epochs": 1, "batch_size": 64})
     config = write_config(tmp_path / "c.yaml", cfg)
-    assert cli.main(["--config", config, "--out", str(tmp_path / "run")]) == 0
+    assert cli(["--config", config, "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err  # not a terminal: no bars
     assert "\r" not in err
     stage1 = re.findall(r"^stage 1 \(kcl\) epoch (\d)/2: loss [\d.]+  lr [\d.e-]+  "
@@ -93,13 +102,13 @@ def test_a_log_file_gets_one_line_per_epoch(fm_root, tmp_path, capsys):
 def test_evaluate_only_and_stage2_from_a_stage1_checkpoint(fm_root, tmp_path, capsys):
     cfg = short(fm_root, eval={"every_epochs": 1, "batch_size": 64})
     config = write_config(tmp_path / "c.yaml", cfg)
-    assert cli.main(["--config", config, "--out", str(tmp_path / "a")]) == 0
+    assert cli(["--config", config, "--out", str(tmp_path / "a")]) == 0
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     for key in ("commit", "versions", "device", "date"):
         assert key in report["provenance"]
     assert report["best"]["epoch"] == 1 and report["best"]["split"] == "test"
 
-    assert cli.main(["evaluate", "--out", str(tmp_path / "a"), "--which", "best"]) == 0
+    assert cli(["--out", str(tmp_path / "a"), "--evaluate", "best"]) == 0
     best = json.loads((tmp_path / "a" / "report_best.json").read_text())
     assert best["top1"] == report["best"]["top1"] == report["top1"]  # one epoch: best = last
     assert best["class_accuracy"] == report["class_accuracy"]
@@ -107,7 +116,7 @@ def test_evaluate_only_and_stage2_from_a_stage1_checkpoint(fm_root, tmp_path, ca
     # Another classifier (not class-balanced, 2 epochs) on the same backbone, no stage 1.
     other = dict(cfg, stage2={**cfg["stage2"], "class_balanced": False, "epochs": 2})
     config2 = write_config(tmp_path / "c2.yaml", other)
-    assert cli.main(["--config", config2, "--out", str(tmp_path / "b"),
+    assert cli(["--config", config2, "--out", str(tmp_path / "b"),
                      "--stage1", str(tmp_path / "a")]) == 0
     a = torch.load(tmp_path / "a" / "stage1.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
@@ -124,7 +133,7 @@ def test_evaluate_only_and_stage2_from_a_stage1_checkpoint(fm_root, tmp_path, ca
     capsys.readouterr()
     mismatch = dict(cfg, model={**cfg["model"], "width": 8})
     config3 = write_config(tmp_path / "c3.yaml", mismatch)
-    assert cli.main(["--config", config3, "--out", str(tmp_path / "c"),
+    assert cli(["--config", config3, "--out", str(tmp_path / "c"),
                      "--stage1", str(tmp_path / "a")]) == 2
     assert "model.width: 4 (stage-1 run) -> 8 (this config)" in capsys.readouterr().err
 
@@ -148,7 +157,7 @@ def test_tensorboard_scalars_when_importable(fm_root, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
                         types.SimpleNamespace(SummaryWriter=Writer))
     cfg = short(fm_root, tensorboard=True)
-    assert cli.main(["--config", write_config(tmp_path / "c.yaml", cfg),
+    assert cli(["--config", write_config(tmp_path / "c.yaml", cfg),
                      "--out", str(tmp_path / "run")]) == 0
     tags = {c[0] for c in calls}
     assert calls[0] == ("dir", str(tmp_path / "run" / "tensorboard")) and calls[-1] == ("closed",)
@@ -158,27 +167,27 @@ def test_tensorboard_scalars_when_importable(fm_root, tmp_path, monkeypatch):
 
 def test_a_diverging_run_stops_with_an_error(fm_root, tmp_path, capsys):
     cfg = short(fm_root, stage1={"loss": "ce", "epochs": 1, "lr": 1e30})
-    assert cli.main(["--config", write_config(tmp_path / "c.yaml", cfg),
+    assert cli(["--config", write_config(tmp_path / "c.yaml", cfg),
                      "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert re.search(r"the stage1 loss is (nan|inf) .* training diverged .* lower stage1.lr", err)
     assert not (tmp_path / "run" / "report.json").exists()
 
 
-def test_help_hides_test_only_flags_and_lists_commands(capsys):
+def test_help_has_no_test_only_flags(capsys):
     with pytest.raises(SystemExit):
-        cli.main(["--help"])
+        cli(["--help"])
     text = capsys.readouterr().out
-    assert "--stop-at-step" not in text and "--overwrite" in text and "--stage1" in text
-    for command in ("check-data", "evaluate", "export", "throughput", "compare"):
-        assert command in text
+    assert "--stop-at-step" not in text and "kill" not in text
+    for flag in ("--overwrite", "--resume", "--stage1", "--evaluate", "--set"):
+        assert flag in text
 
 
-def test_missing_train_extra_names_the_extra(monkeypatch, capsys):
+def test_missing_package_names_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml now fails
-    assert cli.main(["--config", "whatever.yaml"]) == 2
+    assert cli(["--config", "whatever.yaml"]) == 2
     err = capsys.readouterr().err
-    assert "pip install 'kcl_ext[train]'" in err and "pyyaml" in err
+    assert "pip install pyyaml" in err
     assert "Traceback" not in err and "ModuleNotFoundError" not in err
 
 
@@ -191,7 +200,46 @@ def test_compare_prints_a_dash_for_an_empty_group(tmp_path, capsys):
             "beta": 0.5, "sigma": 0.1,
             "thresholds": {"many": "> 100", "medium": "20..100", "few": "< 20"}}))
         reports.append(str(path))
-    assert cli.main(["compare", f"X={','.join(reports)}"]) == 0
+    assert run_command(compare.main, [f"X={','.join(reports)}"], "compare.py") == 0
     out = capsys.readouterr().out
     assert "| X, mean ± std over 2 seeds | - | 60.0 ± 0.0 | 10.5 ± 0.5 |" in out
     assert "None" not in out
+
+
+def test_evaluate_best_after_a_default_run_evaluates_the_last_classifier(fm_root, tmp_path,
+                                                                          capsys):
+    # eval.every_epochs is 0 by default: no periodic evaluation, so no best.pt.
+    config = write_config(tmp_path / "c.yaml", short(fm_root))
+    out = tmp_path / "run"
+    assert cli(["--config", config, "--out", str(out)]) == 0
+    assert not (out / "best.pt").exists()
+    report = json.loads((out / "report.json").read_text())
+    capsys.readouterr()
+    assert cli(["--out", str(out), "--evaluate", "best"]) == 0
+    err = capsys.readouterr().err
+    assert "has no best.pt" in err and "evaluating the last classifier" in err
+    last = json.loads((out / "report_last.json").read_text())
+    assert last["checkpoint"] == "last" and last["class_accuracy"] == report["class_accuracy"]
+
+
+def test_notes_only_about_settings_the_user_set(fm_root, tmp_path, capsys):
+    # One process, one BN group: shuffle-BN cannot act. A note only if the user asked for it.
+    cfg = short(fm_root, progress="line", model={**tiny_config(fm_root)["model"], "bn_splits": 1})
+    assert cli(["--config", write_config(tmp_path / "c.yaml", cfg),
+                "--out", str(tmp_path / "default")]) == 0
+    assert "shuffle_bn" not in capsys.readouterr().err
+    assert cli(["--config", write_config(tmp_path / "c.yaml", cfg), "--out",
+                str(tmp_path / "set"), "--set", "model.shuffle_bn=true"]) == 0
+    assert "note: model.shuffle_bn has no effect" in capsys.readouterr().err
+
+
+def test_config_files_are_found_from_anywhere(tmp_path, monkeypatch):
+    from config import load_config
+    from errors import MissingFileError
+    monkeypatch.chdir(tmp_path)  # not the repository
+    cfg = load_config("configs/fmnist_lt_kcl.yaml")
+    assert cfg.stage1.loss == "kcl" and cfg.model.bn_splits == 2
+    assert load_config("fmnist_lt_ce.yaml").stage1.loss == "ce"
+    with pytest.raises(MissingFileError, match=r"config file configs/nope.yaml not found \(looked "
+                                               r"for .*nope.yaml and .*references.kcl"):
+        load_config("configs/nope.yaml")

@@ -1,10 +1,12 @@
-"""Config loading: every value coerced and checked against its key's type at load time, with an
-error naming the key, the value and the expected type; `base:` inheritance; differences."""
+"""Config loading (references/kcl/config.py, one dataclass per section): every value coerced and
+checked against its field's type at load time, with an error naming the key, the value and the
+expected type; `base:` inheritance; differences; which keys the user set."""
 import pytest
 
-from kcl_ext.training.config import (DEFAULTS, NEUTRAL_KEYS, SCHEMA, differences, flatten,
-                                     load_config)
-from kcl_ext.training.errors import ConfigError
+import _harness  # noqa: F401  (the recipe on sys.path)
+
+from config import KEYS, NEUTRAL_KEYS, Config, differences, flatten, load_config
+from errors import ConfigError
 
 
 def test_a_string_where_a_float_is_due_is_an_error_naming_key_value_and_type():
@@ -19,14 +21,14 @@ def test_a_string_where_a_float_is_due_is_an_error_naming_key_value_and_type():
 def test_yaml_strings_that_are_numbers_become_floats_before_training(tmp_path):
     # YAML 1.1 reads 3e1 and 5e-2 (no dot) as strings: they are numbers here, at load time.
     cfg = load_config(overrides=["stage2.lr=3e1", "eval.sigma=5e-2", "stage1.epochs=3.0"])
-    assert cfg["stage2"]["lr"] == 30.0 and isinstance(cfg["stage2"]["lr"], float)
-    assert cfg["eval"]["sigma"] == 0.05
-    assert cfg["stage1"]["epochs"] == 3 and isinstance(cfg["stage1"]["epochs"], int)
+    assert cfg.stage2.lr == 30.0 and isinstance(cfg.stage2.lr, float)
+    assert cfg.eval.sigma == 0.05
+    assert cfg.stage1.epochs == 3 and isinstance(cfg.stage1.epochs, int)
     path = tmp_path / "c.yaml"
     path.write_text("stage1:\n  weight_decay: 5e-4\n  lr: 1e-1\ndata:\n  crop_scale: [8e-2, 1]\n")
     cfg = load_config(str(path))
-    assert cfg["stage1"]["weight_decay"] == 5e-4 and cfg["stage1"]["lr"] == 0.1
-    assert cfg["data"]["crop_scale"] == [0.08, 1.0]
+    assert cfg.stage1.weight_decay == 5e-4 and cfg.stage1.lr == 0.1
+    assert cfg.data.crop_scale == [0.08, 1.0]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -63,7 +65,7 @@ def test_base_inheritance_and_file_errors(tmp_path):
     (tmp_path / "a.yaml").write_text("stage1:\n  epochs: 7\n  lr: 0.5\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nstage1:\n  lr: 0.25\n")
     cfg = load_config(str(tmp_path / "b.yaml"))
-    assert (cfg["stage1"]["epochs"], cfg["stage1"]["lr"]) == (7, 0.25)
+    assert (cfg.stage1.epochs, cfg.stage1.lr) == (7, 0.25)
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="include each other"):
         load_config(str(tmp_path / "loop.yaml"))
@@ -75,14 +77,14 @@ def test_base_inheritance_and_file_errors(tmp_path):
 
 
 def test_defaults_follow_the_schema_and_differences():
-    flat = flatten(DEFAULTS)
+    flat = flatten(Config())
     assert {"data.num_workers", "progress", "log_interval", "eval.every_epochs"} <= NEUTRAL_KEYS
     assert "stage2.lr" not in NEUTRAL_KEYS and set(NEUTRAL_KEYS) <= set(flat)
     assert "threads" not in NEUTRAL_KEYS  # CPU sums depend on it
-    assert flat["amp"] == "bf16" and SCHEMA["stage1"]["lr"].kind == "float"
+    assert flat["amp"] == "bf16" and KEYS["stage1.lr"].kind == "float"
     new = load_config(overrides=["stage2.lr=10", "data.num_workers=4"])
-    assert differences(DEFAULTS, new) == [("data.num_workers", 0, 4), ("stage2.lr", 30.0, 10.0)]
-    assert differences(DEFAULTS, new, keys=("stage2",)) == [("stage2.lr", 30.0, 10.0)]
+    assert differences(Config(), new) == [("data.num_workers", 0, 4), ("stage2.lr", 30.0, 10.0)]
+    assert differences(Config(), new, keys=("stage2",)) == [("stage2.lr", 30.0, 10.0)]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -105,9 +107,19 @@ def test_impossible_class_orders_and_balanced_splits_are_config_errors(overrides
 
 
 def test_a_class_order_assigns_the_profile_by_rank():
-    from kcl_ext.training.data import counts_by_class
+    from data import counts_by_class
     cfg = load_config(overrides=["data.max_per_class=1000",
                                  "data.class_order=[6, 0, 2, 4, 3, 1, 9, 5, 7, 8]"])
-    counts = counts_by_class(10, 1000, 100.0, cfg["data"]["class_order"])
+    counts = counts_by_class(10, 1000, 100.0, cfg.data.class_order)
     # profile 1000, 599, 359, 215, 129, 77, 46, 27, 16, 10 by rank; class 6 first, 8 last
     assert counts == [599, 77, 359, 129, 215, 27, 1000, 16, 10, 46]
+
+
+def test_the_config_is_typed_and_knows_which_keys_the_user_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  shuffle_bn: true\nstage1:\n  lr: 0.5\n")
+    cfg = load_config(str(path), ["seed=4"])
+    assert isinstance(cfg, Config) and cfg.stage1.lr == 0.5 and cfg.seed == 4
+    assert cfg.user_keys == {"model.shuffle_bn", "stage1.lr", "seed"}
+    assert load_config().user_keys == frozenset()
+    assert cfg.to_dict()["model"]["shuffle_bn"] is True and "user_keys" not in cfg.to_dict()

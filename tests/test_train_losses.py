@@ -4,10 +4,11 @@ import json
 import pytest
 import torch
 
-from kcl_ext.training import trainer as train
-from kcl_ext.training.config import load_config
-from kcl_ext.training.errors import ConfigError
 from _harness import make_fashion_idx, tiny_config
+
+import train
+from config import load_config
+from errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -18,21 +19,21 @@ def fm_root(tmp_path_factory):
 @pytest.mark.parametrize("loss, k", [("kcl", 2), ("fcl", -1), ("moco", 0)])
 def test_loss_names_map_to_k(fm_root, tmp_path, loss, k):
     cfg = load_config(base=tiny_config(fm_root, stage1={"loss": loss}))
-    trainer = train.Trainer(cfg, str(tmp_path))
-    assert trainer.k == k and trainer.bank.size == 48
+    run = train.setup(cfg, str(tmp_path))
+    assert run.model.k == k and run.model.bank.size == 48
 
 
 def test_moco_run_both_stages(fm_root, tmp_path):
     cfg = load_config(base=tiny_config(fm_root, stage1={"loss": "moco", "epochs": 1},
                                        stage2={"epochs": 1, "class_balanced": False,
                                                "augment": True}))
-    report = train.run(cfg, str(tmp_path))
+    report = train.train(cfg, str(tmp_path))
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r.get("stage") == "stage1"]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert records[-1]["stage"] == "eval" and records[-1]["top1"] == report["top1"]
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert (state["bank"]["labels"] >= 0).all()
+    assert (state["model"]["bank.labels"] >= 0).all()
     assert {"beta", "few", "many", "medium", "top1", "class_accuracy"} <= set(report)
     assert report["many"] is None  # no class of the tiny set has more than 100 images
 

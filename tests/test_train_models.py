@@ -1,10 +1,14 @@
-"""Split-BN and the one-process shuffle of the key batch."""
+"""Split-BN and the one-process shuffle of the key batch (kcl_ext.KCL) on the recipe's encoder."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from kcl_ext.training.models import (ContrastiveEncoder, MomentumPair, SmallResNet,
-                                     SplitBatchNorm2d, batch_norm_groups, use_split_batch_norm)
+from _harness import RECIPE  # noqa: F401  (the recipe on sys.path)
+
+from kcl_ext import KCL
+from kcl_ext.kcl import SplitBatchNorm2d, batch_norm_groups, use_split_batch_norm
+from models import ContrastiveEncoder, SmallResNet
 
 
 def test_split_batch_norm_is_batch_norm_per_contiguous_group():
@@ -49,22 +53,23 @@ def test_use_split_batch_norm_keeps_the_state_dict():
 
 def test_one_process_shuffle_encodes_keys_with_another_groups_statistics():
     torch.manual_seed(0)
-    pair = MomentumPair(ContrastiveEncoder(use_split_batch_norm(SmallResNet(1, width=4), 2), 8),
-                        0.9, shuffle_bn=True)
+    pair = KCL(ContrastiveEncoder(SmallResNet(1, width=4), 8), 8, momentum=0.9, shuffle_bn=True,
+               bn_splits=2, queue_size=8)
     images = torch.randn(6, 1, 12, 12)
     keys = pair.encode_keys(images, torch.Generator().manual_seed(7))
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(7))
-    reference = MomentumPair(ContrastiveEncoder(SmallResNet(1, width=4), 8), 0.9)
+    reference = KCL(ContrastiveEncoder(SmallResNet(1, width=4), 8), 8, momentum=0.9, queue_size=8)
     reference.key_encoder.load_state_dict(pair.key_encoder.state_dict())
     with torch.no_grad():  # group g = chunk g of the permuted batch, with plain BN each
-        encoded = torch.cat([reference.key_encoder(c) for c in images[perm].chunk(2)])
-        unshuffled = pair.key_encoder(images)
+        encoded = F.normalize(torch.cat([reference.key_encoder(c) for c in images[perm].chunk(2)]))
+        unshuffled = F.normalize(pair.key_encoder(images))
     expected = torch.empty_like(encoded)
     expected[perm] = encoded
     assert torch.allclose(keys, expected, atol=1e-6)
     assert not torch.allclose(keys, unshuffled, atol=1e-3)
-    no_shuffle = MomentumPair(ContrastiveEncoder(SmallResNet(1, width=4), 8), 0.9, True)
+    no_shuffle = KCL(ContrastiveEncoder(SmallResNet(1, width=4), 8), 8, momentum=0.9,
+                     shuffle_bn=True, queue_size=8)
     no_shuffle.key_encoder.load_state_dict(pair.key_encoder.state_dict())
     with torch.no_grad():  # one group: nothing to shuffle with
         assert torch.equal(no_shuffle.encode_keys(images, torch.Generator()),
-                           no_shuffle.key_encoder(images))
+                           F.normalize(no_shuffle.key_encoder(images)))

@@ -1,12 +1,19 @@
 """The throughput measurement runs on the CPU with synthetic images and reports what it says."""
 import json
 
-from kcl_ext.training import cli
+from _harness import RECIPE  # noqa: F401  (the recipe on sys.path)
+
+import throughput
+from errors import run_command
+
+
+def cli(argv):
+    return run_command(throughput.main, argv, "throughput.py")
 
 
 def test_synthetic_throughput_on_the_cpu(tmp_path, capsys):
     out = tmp_path / "t.json"
-    assert cli.main(["throughput", "--synthetic", "--device", "cpu", "--steps", "3",
+    assert cli(["--synthetic", "--device", "cpu", "--steps", "3",
                      "--warmup", "1", "--batch-size", "8", "--image-size", "16",
                      "--set", "model.width=4", "--set", "model.bn_splits=2",
                      "--set", "stage1.queue_size=64", "--set", "threads=1",
@@ -32,7 +39,7 @@ def test_compile_switch_compiles_both_encoders(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.nn.Module, "compile", eager_compile)
     out = tmp_path / "t.json"
-    assert cli.main(["throughput", "--synthetic", "--device", "cpu", "--steps", "2",
+    assert cli(["--synthetic", "--device", "cpu", "--steps", "2",
                      "--warmup", "1", "--batch-size", "8", "--image-size", "16", "--compile",
                      "--set", "model.width=4", "--set", "model.bn_splits=2",
                      "--set", "stage1.queue_size=64", "--json", str(out)]) == 0

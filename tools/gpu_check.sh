@@ -15,7 +15,7 @@
 #                k = 6 and 0: the fused kernels, the dense loss eager and compiled, inf-cl)
 #   tests_rest   tests/test_cuda.py, tests/test_triton.py, tests/test_triton_gpu.py
 #   bench_rest   the other points of the cuda-check profile
-#   throughput   the training harness's synthetic-image throughput, ResNet-50, bf16
+#   throughput   references/kcl/throughput.py: synthetic-image throughput, ResNet-50, bf16
 #
 # What a cut keeps: each step runs under `timeout -s INT` with a kill grace (pytest and
 # pytest-benchmark write partial reports on SIGINT); every test result and every benchmark point
@@ -237,12 +237,12 @@ run bench_rest 100 "$PY" -m benchmarks.run "${BENCH[@]}" --out "$WORK" --name be
 
 # --- training throughput -------------------------------------------------------------------------
 if [[ $DRY == 1 ]]; then
-  run throughput 60 "$STALL_WRAP" "$PY" -m kcl_ext.train throughput \
+  run throughput 60 "$STALL_WRAP" "$PY" references/kcl/throughput.py \
     --config configs/fmnist_lt_kcl.yaml --synthetic --device cpu --batch-size 16 --steps 2 \
     --warmup 1 --num-workers 0 --json "$WORK/throughput.json"
 else
   # ResNet-50, bf16, global batch 256, split-BN in 8 groups, queue 65536 (the recipe's config)
-  run throughput 60 "$PY" -m kcl_ext.train throughput --config configs/imagenet_lt_kcl_r50.yaml \
+  run throughput 60 "$PY" references/kcl/throughput.py --config configs/imagenet_lt_kcl_r50.yaml \
     --synthetic --device cuda --amp bf16 --batch-size 256 --steps 30 --warmup 10 \
     --num-workers "$((NPROC > 2 ? NPROC - 2 : 1))" --json "$WORK/throughput.json"
 fi

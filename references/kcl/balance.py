@@ -22,15 +22,15 @@ Works for any data set with a balanced split: Fashion-MNIST-LT's held-out images
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn as nn
 
-from . import metrics as kmetrics
-from .errors import DataError, TrainingError
-from .probe import LinearProbe
-from .schedule import lr_at, set_lr
+import metrics as kmetrics
+from errors import DataError, TrainingError
+from probe import LinearProbe, cached_batches
 
 
 def check_balanced(labels: torch.Tensor, num_classes: int, what: str = "balanced split") -> int:
@@ -56,31 +56,26 @@ def balanced_counts(total: int, num_classes: int) -> list[int]:
 
 
 def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                          stage2: dict, seed: int, class_balanced: bool | None = None
+                          stage2, seed: int, class_balanced: bool | None = None
                           ) -> nn.Linear:
     """A linear classifier trained as stage 2 trains it (`stage2`: lr, epochs, schedule, batch,
     momentum, weight decay, init; `class_balanced` overrides the config's batch order) on
     features [N, D] with labels [N], in this process. Deterministic for given inputs."""
-    options = dict(stage2)
-    if class_balanced is not None:
-        options["class_balanced"] = class_balanced
+    options = stage2 if class_balanced is None else \
+        dataclasses.replace(stage2, class_balanced=class_balanced)
     labels = torch.as_tensor(labels).to(features.device)
     if features.dim() != 2 or features.size(0) != labels.numel():
         raise DataError(f"fit_linear_classifier: features must be [N, D] with one label per "
                         f"row, got {list(features.shape)} and {labels.numel()} labels")
-    if features.size(0) < options["batch_size"]:
+    if features.size(0) < options.batch_size:
         raise DataError(f"fit_linear_classifier: {features.size(0)} feature rows are fewer "
-                        f"than one batch of {options['batch_size']} (stage2.batch_size)")
+                        f"than one batch of {options.batch_size} (stage2.batch_size)")
     probe = LinearProbe(features.size(1), num_classes, options, seed, features.device,
                         distributed=False)
     cpu_labels = labels.cpu()
-    for epoch in range(options["epochs"]):
-        lr = lr_at(options, epoch)
-        set_lr(probe.optimizer, lr)
-        loss_sum = torch.zeros((), device=features.device)
-        for batch in probe.epoch_batches(cpu_labels, epoch):
-            rows = torch.as_tensor(batch, dtype=torch.int64, device=features.device)
-            loss_sum += probe.step(features[rows], labels[rows])
+    for epoch in range(options.epochs):
+        batches = probe.epoch_batches(cpu_labels, epoch)
+        loss_sum, _, lr = probe.train_epoch(cached_batches(features, labels, batches), epoch)
         if not math.isfinite(float(loss_sum)):
             raise TrainingError(f"the linear classifier diverged at epoch {epoch + 1} "
                                 f"(learning rate {lr:g}); lower stage2.lr")
@@ -120,7 +115,7 @@ def accuracy_spread(class_accuracy, sigma: float = kmetrics.DEFAULT_SIGMA) -> di
 
 def feature_balance(train_features: torch.Tensor, train_labels: torch.Tensor,
                     test_features: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
-                    stage2: dict, seed: int, sigma: float = kmetrics.DEFAULT_SIGMA,
+                    stage2, seed: int, sigma: float = kmetrics.DEFAULT_SIGMA,
                     batch_size: int = 256) -> dict:
     """The β protocol: a linear classifier trained (as `fit_linear_classifier`) on the features
     of a balanced split, evaluated on the test features; its top-1, class accuracies

@@ -1,6 +1,10 @@
-"""A paired study of several stage-1 losses on a long-tailed data set: `kcl-train study`.
+"""A paired study of several stage-1 losses on Fashion-MNIST-LT, on the recipe's functions.
 
-    kcl-train study --config configs/fmnist_lt_study.yaml --out runs/demo [--overwrite] [--jobs N]
+    python experiments/fmnist_lt_study/study.py --config experiments/fmnist_lt_study/study.yaml \
+        --out runs/demo [--overwrite] [--jobs N]                                    (make demo)
+
+The trainings are references/kcl/train.py's `train`; the committed results of `make demo` are in
+results/ beside this file.
 
 What it does (docs/training.md, "The study"):
 1. Difficulty control: the control method (the CE baseline) is trained on a BALANCED set of the
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
-import copy
 import hashlib
 import json
 import math
@@ -43,11 +46,16 @@ import resource
 import sys
 import time
 
-from . import balance as kbalance
-from . import metrics as kmetrics
-from . import stats as kstats
-from .config import differences, format_differences, load_config, read_yaml
-from .errors import ConfigError, DataError, OutputError
+HERE = os.path.dirname(os.path.abspath(__file__))
+RECIPE = os.path.join(HERE, "..", "..", "references", "kcl")
+sys.path[:0] = [p for p in (HERE, os.path.normpath(RECIPE)) if p not in sys.path]
+
+import balance as kbalance  # noqa: E402  (the recipe's modules, found through sys.path)
+import metrics as kmetrics  # noqa: E402
+import stats as kstats  # noqa: E402
+from config import (differences, find_config, format_differences, load_config,  # noqa: E402
+                    read_yaml)
+from errors import ConfigError, DataError, OutputError, run_command  # noqa: E402
 
 # Metrics of a cell: where they come from, how they are printed, and which way is "better"
 # relative to the claim's metric (class_std falls when beta rises).
@@ -139,29 +147,26 @@ def load_study(path: str, jobs: int | None = None) -> dict:
 
     configs = {}
     for name, file in methods.items():
-        config_path = os.path.join(folder, file)
-        configs[name] = load_config(config_path, overrides)
-        configs[name]["_path"] = config_path
+        # Beside the study file, else the recipe's (references/kcl/configs/).
+        beside = os.path.join(folder, file)
+        configs[name] = load_config(beside if os.path.isfile(beside) else find_config(file),
+                                    overrides)
     first_name = next(iter(configs))
     for name, cfg in configs.items():
-        if cfg["data"]["kind"] != "fashion_mnist_lt":
+        if cfg.data.kind != "fashion_mnist_lt":
             raise ConfigError(f"{name}: the study builds class orderings of Fashion-MNIST-LT; "
-                              f"data.kind is {cfg['data']['kind']!r}")
-        diffs = [d for d in differences(_plain(configs[first_name]), _plain(cfg))
+                              f"data.kind is {cfg.data.kind!r}")
+        diffs = [d for d in differences(configs[first_name], cfg)
                  if d[0] not in ("stage1.loss", "stage1.k")]
         if diffs:
             raise ConfigError(f"the methods' configs may differ only in stage1.loss and "
                               f"stage1.k (the study compares stage-1 losses); {first_name} and "
                               f"{name} differ in:\n"
                               f"{format_differences(diffs, first_name, name)}")
-    return {"path": os.path.abspath(path), "methods": configs, "seeds": seeds,
+    return {"path": os.path.abspath(path), "methods": configs, "files": methods, "seeds": seeds,
             "orderings": orderings, "control_seeds": control_seeds,
             "balanced_per_class": balanced_per_class, "control": control,
             "claims": checked_claims, "jobs": jobs, "set": overrides, "confidence": confidence}
-
-
-def _plain(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,8 +244,9 @@ def check_coverage(orderings, few: list[int], hard: list[int], ranking) -> None:
 # ----------------------------------------------------------------------------------------------
 # One training (runs in a worker process)
 # ----------------------------------------------------------------------------------------------
-def _cell_config(base: dict, out: str, seed: int, **data) -> dict:
-    cfg = copy.deepcopy(_plain(base))
+def _cell_config(base, out: str, seed: int, **data) -> dict:
+    """The mapping form of one cell's config (it goes to a worker process), with `_out`."""
+    cfg = base.to_dict()
     cfg["seed"] = seed
     cfg["data"]["subset_seed"] = seed
     cfg["data"].update(data)
@@ -256,23 +262,23 @@ def run_cell(cfg: dict) -> dict:
     """Trains one cell and returns its metrics: the report's (class-balanced stage 2, feature
     balance) and those of an instance-balanced classifier on the same cached features."""
     import torch
-    from . import checkpoint as ckpt
-    from .config import load_config as check
-    from .trainer import run
+
+    import checkpoint as ckpt
+    import train
     started, cpu_started = time.time(), time.process_time()
-    out = cfg["_out"]
-    cfg = check(base=_plain(cfg))
-    report = run(cfg, out, overwrite=True)
+    out = cfg.pop("_out")
+    cfg = load_config(base=cfg)
+    report = train.train(cfg, out, overwrite=True)
     saved = torch.load(os.path.join(out, ckpt.FEATURES), weights_only=True)
     classifier = kbalance.fit_linear_classifier(
-        saved["train_features"], saved["train_labels"], saved["num_classes"], cfg["stage2"],
-        cfg["seed"], class_balanced=False)
+        saved["train_features"], saved["train_labels"], saved["num_classes"], cfg.stage2,
+        cfg.seed, class_balanced=False)
     predictions = kbalance.predict_classes(classifier, saved["test_features"],
-                                           cfg["eval"]["batch_size"])
-    e = cfg["eval"]
+                                           cfg.eval.batch_size)
+    e = cfg.eval
     instance = kmetrics.evaluate(predictions, saved["test_labels"], report["train_counts"],
-                                 many_threshold=e["many_threshold"],
-                                 few_threshold=e["few_threshold"], sigma=e["sigma"])
+                                 many_threshold=e.many_threshold,
+                                 few_threshold=e.few_threshold, sigma=e.sigma)
     fb = report.get("feature_balance") or {}
     return {
         "out": out, "train_counts": report["train_counts"], "groups": report["groups"],
@@ -329,12 +335,12 @@ class Study:
         s = self.study
         started, load_start = time.time(), self._load()
         cfg = self.control_cfg
-        d, e = cfg["data"], cfg["eval"]
-        from .data import long_tailed_counts
-        profile = long_tailed_counts(10, d["max_per_class"], d["imbalance_factor"])
+        d, e = cfg.data, cfg.eval
+        from data import long_tailed_counts
+        profile = long_tailed_counts(10, d.max_per_class, d.imbalance_factor)
         total = sum(profile)
         balanced = kbalance.balanced_counts(total, 10)
-        few = few_ranks(profile, e["few_threshold"])
+        few = few_ranks(profile, e.few_threshold)
         context = multiprocessing.get_context("spawn")
         self.log(f"study {s['path']}: {len(s['methods'])} methods x {s['orderings']} orderings "
                  f"x {len(s['seeds'])} seeds, control on {len(s['control_seeds'])} balanced "
@@ -367,7 +373,7 @@ class Study:
             # 3. The cells, the longest (contrastive) first so that the workers finish together.
             tasks = []
             for method, mcfg in sorted(s["methods"].items(),
-                                       key=lambda kv: kv[1]["stage1"]["loss"] == "ce"):
+                                       key=lambda kv: kv[1].stage1.loss == "ce"):
                 for j, order in enumerate(orderings):
                     for seed in s["seeds"]:
                         out = os.path.join(self.out, "cells", f"ordering{j}-seed{seed}", method)
@@ -394,29 +400,27 @@ class Study:
         analysis = analyse(cells, s["claims"], s["control"], s["confidence"])
         design = {
             "classes": names, "profile": profile, "few_ranks": few,
-            "shot_groups": {"many": f"> {e['many_threshold']}",
-                            "medium": f"{e['few_threshold']}..{e['many_threshold']}",
-                            "few": f"< {e['few_threshold']}"},
-            "sigma": e["sigma"], "balanced_control_counts": balanced,
+            "shot_groups": {"many": f"> {e.many_threshold}",
+                            "medium": f"{e.few_threshold}..{e.many_threshold}",
+                            "few": f"< {e.few_threshold}"},
+            "sigma": e.sigma, "balanced_control_counts": balanced,
             "reference_class_accuracy": reference,
             "control": [{k: c[k] for k in ("out", "class_accuracy", "all", "beta")}
                         for c in control],
             "difficulty_ranking": ranking, "hard_classes": hard, "orderings": orderings,
             "seeds": s["seeds"], "control_seeds": s["control_seeds"],
             "balanced_per_class": s["balanced_per_class"], "pairs": pairs,
-            "methods": {m: {"config": os.path.relpath(c["_path"],
-                                                      os.path.dirname(s["path"])),
-                            "loss": c["stage1"]["loss"],
-                            "k": c["stage1"]["k"]} for m, c in s["methods"].items()},
-            "stage1_epochs": cfg["stage1"]["epochs"], "confidence": s["confidence"],
+            "methods": {m: {"config": s["files"][m], "loss": c.stage1.loss, "k": c.stage1.k}
+                        for m, c in s["methods"].items()},
+            "stage1_epochs": cfg.stage1.epochs, "confidence": s["confidence"],
             "set": s["set"],
         }
         results_part = {"design": design, "cells": _strip(cells), "analysis": analysis}
         digest = hashlib.sha256(json.dumps(results_part, sort_keys=True).encode()).hexdigest()
-        from .provenance import describe
+        from provenance import describe
         import torch
         provenance = describe(torch.device("cpu"))
-        provenance["device"]["threads"] = cfg["threads"]
+        provenance["device"]["threads"] = cfg.threads
         timing = {
             "wall_seconds": round(wall, 1),
             "cpu_seconds_workers": round(usage.ru_utime + usage.ru_stime, 1),
@@ -437,7 +441,7 @@ def _strip(cells: dict) -> dict:
 
 
 def _class_names() -> list[str]:
-    from .data import FASHION_MNIST_CLASSES
+    from data import FASHION_MNIST_CLASSES
     return list(FASHION_MNIST_CLASSES)
 
 
@@ -646,9 +650,9 @@ def plot_cells(result: dict, path: str) -> None:
 # The command
 # ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="kcl-train study", description=__doc__,
+    p = argparse.ArgumentParser(prog="study.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="the study file (configs/fmnist_lt_study.yaml)")
+    p.add_argument("--config", required=True, help="the study file (experiments/fmnist_lt_study/study.yaml)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the study in a non-empty --out")
@@ -682,5 +686,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_command
-    sys.exit(run_command(main, sys.argv[1:]))
+    sys.exit(run_command(main, sys.argv[1:], "study.py"))

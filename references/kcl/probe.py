@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import distributed as kdist
-from . import data as kdata
-from . import metrics as kmetrics
+from kcl_ext import distributed as kdist
+import data as kdata
+import metrics as kmetrics
+from schedule import lr_at, set_lr
 
 
 class LinearProbe:
@@ -37,15 +38,15 @@ class LinearProbe:
         g = torch.Generator().manual_seed(kdata.derive_seed(seed, 0x57A6E2))
         with torch.no_grad():
             self.classifier.weight.copy_(torch.randn(self.classifier.weight.shape, generator=g)
-                                         * stage2["init_std"])
+                                         * stage2.init_std)
             self.classifier.bias.zero_()
         self.module = self.classifier
         if kdist.is_distributed() if distributed is None else distributed:
             self.module = nn.parallel.DistributedDataParallel(
                 self.classifier, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = torch.optim.SGD(self.classifier.parameters(), lr=stage2["lr"],
-                                         momentum=stage2["momentum"],
-                                         weight_decay=stage2["weight_decay"])
+        self.optimizer = torch.optim.SGD(self.classifier.parameters(), lr=stage2.lr,
+                                         momentum=stage2.momentum,
+                                         weight_decay=stage2.weight_decay)
 
     def state_dict(self) -> dict:
         return {"classifier": self.classifier.state_dict(),
@@ -60,11 +61,26 @@ class LinearProbe:
         """The global batches of an epoch: cRT's class-cycling order (`class_balanced`), or a
         shuffle of the training set."""
         s2 = self.stage2
-        if s2["class_balanced"]:
-            return kdata.class_cycling_batches(labels, s2["batch_size"], self.seed, epoch,
-                                               s2["samples_per_class"])
-        return kdata.shuffled_batches(labels.numel(), s2["batch_size"], self.seed,
+        if s2.class_balanced:
+            return kdata.class_cycling_batches(labels, s2.batch_size, self.seed, epoch,
+                                               s2.samples_per_class)
+        return kdata.shuffled_batches(labels.numel(), s2.batch_size, self.seed,
                                       10_000 + epoch)
+
+    def train_epoch(self, source, epoch: int, after_step=None) -> tuple[torch.Tensor, int, float]:
+        """One epoch of the classifier (stage 2, and every classifier on cached features):
+        the learning rate of `epoch`, then a step per (features, labels) batch of `source`,
+        `after_step(loss, lr)` after each. Returns (the loss sum on the device, steps, lr)."""
+        lr = lr_at(self.stage2, epoch)
+        set_lr(self.optimizer, lr)
+        loss_sum, steps = torch.zeros((), device=self.device), 0
+        for features, labels in source:
+            loss = self.step(features, labels.to(self.device, non_blocking=True))
+            loss_sum += loss
+            steps += 1
+            if after_step is not None:
+                after_step(loss, lr)
+        return loss_sum, steps, lr
 
     def step(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One SGD step on a local batch of features; returns the loss (no host sync)."""
@@ -74,6 +90,14 @@ class LinearProbe:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+
+def cached_batches(features: torch.Tensor, labels: torch.Tensor, batches):
+    """(features, labels) of each batch of row indices, from features cached on the device: one
+    copy of all the indices to the device, then no host sync per step."""
+    rows = torch.as_tensor(batches, dtype=torch.int64).to(features.device) if batches else []
+    labels = labels.to(features.device)
+    return ((features[index], labels[index]) for index in rows)
 
 
 def _sharded(views, fn, *, batch_size: int, device: torch.device, pool: kdata.LoaderPool,
@@ -133,5 +157,5 @@ def predict(backbone: nn.Module, classifier: nn.Module, views: kdata.SeededViews
 
 def evaluate(predictions: torch.Tensor, labels: torch.Tensor, train_counts, eval_cfg: dict) -> dict:
     return kmetrics.evaluate(predictions, labels, train_counts,
-                             many_threshold=eval_cfg["many_threshold"],
-                             few_threshold=eval_cfg["few_threshold"], sigma=eval_cfg["sigma"])
+                             many_threshold=eval_cfg.many_threshold,
+                             few_threshold=eval_cfg.few_threshold, sigma=eval_cfg.sigma)

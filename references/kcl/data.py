@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .errors import DataError, MissingFileError
+from errors import DataError, MissingFileError
 
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -103,7 +103,7 @@ def find_fashion_mnist(root: str | None = None) -> str:
             return folder
     raise MissingFileError(
         f"Fashion-MNIST IDX files ({FASHION_MNIST_FILES['train'][0]}[.gz], ...) not found in "
-        f"{candidates}; run `make data` (installs the Debian package dataset-fashion-mnist) or "
+        f"{candidates}; run `make data` (references/kcl/get_data.py: copies or downloads them) or "
         f"set data.root")
 
 

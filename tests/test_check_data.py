@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kcl_ext.training import cli, datacheck
-from kcl_ext.training.datacheck import SplitFigures, check_split_list
+from _harness import RECIPE  # noqa: F401  (the recipe on sys.path)
+
+import check_data
+import datasets
+from check_data import check_split_list
+from config import DataConfig
+from datasets import SplitFigures
+from errors import run_command
+
+
+def cli(argv):
+    return run_command(check_data.main, argv, "check_data.py")
 
 
 @pytest.fixture
@@ -35,12 +45,12 @@ def test_small_list_with_a_wrong_count_and_a_missing_file(tree, tmp_path):
     report, _ = check_split_list(str(listing), str(root), "train")
     assert report.problems == [f"{listing}:9: image 'train/c2/gone.png' not found under {root}"]
     # Against figures: the list holds 9 images and its smallest class 2 (all correct but count).
-    datacheck.PUBLISHED["tiny"] = datacheck.PublishedDataset("Tiny", 3, {"train": figures},
-                                                             "here", "here")
+    datasets.PUBLISHED["tiny"] = datasets.PublishedDataset("Tiny", 3, {"train": figures},
+                                                           "here", "here")
     try:
         report, _ = check_split_list(str(listing), str(root), "train", dataset="tiny")
     finally:
-        del datacheck.PUBLISHED["tiny"]
+        del datasets.PUBLISHED["tiny"]
     assert f"{listing}: 9 images, the published Tiny train split has 10" in report.problems
     assert report.problems[0].startswith(f"{listing}:9: image 'train/c2/gone.png' not found")
     assert (report.images, report.classes, report.max_per_class, report.min_per_class) == \
@@ -71,10 +81,10 @@ def test_duplicates_labels_overlap_and_bad_lines(tree, tmp_path):
     root, train, test = tree
     (tmp_path / "train.txt").write_text("\n".join(train + [train[0], "oops"]) + "\n")
     (tmp_path / "test.txt").write_text("\n".join(test + [train[1].replace(" 0", " 5")]) + "\n")
-    reports = datacheck.check_data({
-        "kind": "split_list", "image_root": str(root), "dataset": None, "num_classes": 3,
-        "train_list": str(tmp_path / "train.txt"), "val_list": None,
-        "test_list": str(tmp_path / "test.txt")})
+    reports = check_data.check_data(DataConfig(
+        kind="split_list", image_root=str(root), dataset=None, num_classes=3,
+        train_list=str(tmp_path / "train.txt"), val_list=None,
+        test_list=str(tmp_path / "test.txt")))
     train_problems, test_problems = reports[0].problems, reports[1].problems
     assert f"{tmp_path / 'train.txt'}:10: image 'train/c0/i0.png' is already listed on line 1" \
         in train_problems
@@ -93,16 +103,16 @@ def test_check_data_command(tree, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(
         f"data:\n  kind: split_list\n  image_root: {root}\n  train_list: {tmp_path / 'train.txt'}\n"
         f"  test_list: {tmp_path / 'test.txt'}\n")
-    assert cli.main(["check-data", "--config", str(tmp_path / "c.yaml"), "--decode"]) == 0
+    assert cli(["--config", str(tmp_path / "c.yaml"), "--decode"]) == 0
     out = capsys.readouterr().out
     assert "train: " in out and "9 images, 3 classes, 4 to 2 per class" in out
     assert "all lists agree and every image is there" in out
     os.remove(root / "val" / "c1" / "v0.png")
-    assert cli.main(["check-data", "--config", str(tmp_path / "c.yaml")]) == 1
+    assert cli(["--config", str(tmp_path / "c.yaml")]) == 1
     out = capsys.readouterr().out
     assert f"{tmp_path / 'test.txt'}:3: image 'val/c1/v0.png' not found under {root}" in out
     assert "1 problem(s)" in out
-    assert cli.main(["check-data", "--config", str(tmp_path / "c.yaml"),
+    assert cli(["--config", str(tmp_path / "c.yaml"),
                      "--set", "data.dataset=imagenet_lt", "--no-images"]) == 1
     assert "9 images, the published ImageNet-LT train split has 115,846" in \
         capsys.readouterr().out

@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import torch
 
-from .errors import MissingFileError, OutputError, TrainingError
+from errors import MissingFileError, OutputError, TrainingError
 
 LAST, STAGE1, BEST = "checkpoint.pt", "stage1.pt", "best.pt"
 FEATURES = "features.pt"  # eval.save_features: the backbone features of every split
@@ -55,7 +55,7 @@ def load(path: str, what: str = "checkpoint") -> dict:
     except Exception as e:  # torch.load raises many kinds on a damaged file
         raise TrainingError(f"{what} {path} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):
-        raise TrainingError(f"{what} {path} is not a kcl-train checkpoint")
+        raise TrainingError(f"{what} {path} is not a checkpoint of references/kcl/train.py")
     return state
 
 

@@ -1,10 +1,9 @@
 """Stage-1 training throughput: images/s and the fraction of each step spent waiting for data.
 
-    kcl-train throughput --synthetic --arch resnet50 --amp bf16 --batch-size 256 \\
-        --device cuda --steps 40 --json throughput.json
-    python -m kcl_ext.training.throughput ...          (the same)
+    python references/kcl/throughput.py --synthetic --arch resnet50 --amp bf16 \\
+        --batch-size 256 --device cuda --steps 40 --json throughput.json
 
-It builds the trainer of a config (`--config`, default: the built-in defaults) and runs
+It builds the run of a config (train.setup) (`--config`, default: the built-in defaults) and runs
 `--warmup` + `--steps` stage-1 steps of the real pipeline: loader workers cropping, resizing and
 flipping uint8 images, collation (into pinned memory on CUDA), the non-blocking copy, the
 normalisation on the device, the encoders (channels_last, cudnn.benchmark, AMP, optionally
@@ -31,10 +30,12 @@ import time
 
 import torch
 
-from .. import distributed as kdist
-from . import data as kdata
-from . import provenance
-from .config import load_config
+from kcl_ext import distributed as kdist
+import data as kdata
+import provenance
+import train
+from config import load_config
+from errors import run_command
 
 
 def _sync(device: torch.device) -> None:
@@ -42,71 +43,72 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(cfg: dict, steps: int, warmup: int) -> dict:
+def measure(cfg, steps: int, warmup: int) -> dict:
     """Runs warmup + steps stage-1 steps of `cfg`; returns the measurement."""
-    from .trainer import Trainer
-    trainer = Trainer(cfg, out_dir=None)
-    s1 = cfg["stage1"]
-    if trainer.bank is not None:
-        g = torch.Generator().manual_seed(cfg["seed"])
-        keys = torch.nn.functional.normalize(torch.randn(trainer.bank.keys.shape, generator=g), dim=1)
-        labels = torch.randint(0, trainer.num_classes, (trainer.bank.size,), generator=g)
-        trainer.bank.enqueue(keys.to(trainer.device), labels.to(trainer.device))
+    run = train.setup(cfg, out_dir=None)
+    s1 = cfg.stage1
+    views = train.stage1_views(run)
+    if run.contrastive:
+        bank = run.model.bank
+        g = torch.Generator().manual_seed(cfg.seed)
+        keys = torch.nn.functional.normalize(torch.randn(bank.keys.shape, generator=g), dim=1)
+        labels = torch.randint(0, run.data.num_classes, (bank.size,), generator=g)
+        bank.enqueue(keys.to(run.device), labels.to(run.device))
     total = warmup + steps
     batches = []
     epoch = 0
     while len(batches) < total:
-        batches += kdata.shuffled_batches(len(trainer.stage1_views), s1["batch_size"],
-                                          cfg["seed"], epoch)
+        batches += kdata.shuffled_batches(len(views), s1.batch_size,
+                                          cfg.seed, epoch)
         epoch += 1
-    local = [kdata.local_part(b, trainer.rank, trainer.world) for b in batches[:total]]
-    loader = trainer.pool.get("stage1", trainer.stage1_views, local, epoch=0)
-    trainer.model.train()
+    local = train.local_batches(run, batches[:total])
+    loader = run.pool.get("stage1", views, local, epoch=0)
+    run.model.train()
     waits, step_times = [], []
     iterator = iter(loader)
     started = None
     last = time.perf_counter()
     for step in range(total):
         if step == warmup:
-            _sync(trainer.device)
+            _sync(run.device)
             kdist.barrier()
             started = last = time.perf_counter()
         t0 = time.perf_counter()
         item = next(iterator)
         wait = time.perf_counter() - t0
-        trainer.stage1_step(item)
+        train.train_step(run, item)
         if step >= warmup:
             now = time.perf_counter()
             waits.append(wait)
             step_times.append(now - last)
             last = now
-    _sync(trainer.device)
+    _sync(run.device)
     wall = time.perf_counter() - started
-    trainer.pool.close()
-    images = steps * s1["batch_size"]
+    run.pool.close()
+    images = steps * s1.batch_size
     return {
         "images_per_s": round(images / wall, 2),
         "data_wait_fraction": round(sum(waits) / wall, 4),
         "data_wait_ms_median": round(1000 * statistics.median(waits), 3),
         "step_ms_median_host": round(1000 * statistics.median(step_times), 3),
         "wall_s": round(wall, 3),
-        "steps": steps, "warmup_steps": warmup, "global_batch": s1["batch_size"],
-        "processes": trainer.world,
+        "steps": steps, "warmup_steps": warmup, "global_batch": s1.batch_size,
+        "processes": kdist.world_size(),
         "per_step": [{"data_wait_ms": round(1000 * w, 3), "host_ms": round(1000 * t, 3)}
                      for w, t in zip(waits, step_times)],
-        "config": {"arch": cfg["model"]["arch"], "loss": s1["loss"], "k": s1["k"],
-                   "queue_size": s1["queue_size"], "image_size": cfg["data"]["image_size"],
-                   "data": cfg["data"]["kind"], "num_workers": cfg["data"]["num_workers"],
-                   "amp": cfg["amp"] if trainer.device.type == "cuda" else "off (CPU)",
-                   "channels_last": trainer.channels_last, "compile": cfg["compile"],
-                   "bn_splits": cfg["model"]["bn_splits"], "backend": s1["backend"],
-                   "device": str(trainer.device)},
-        "provenance": provenance.describe(trainer.device, trainer.world),
+        "config": {"arch": cfg.model.arch, "loss": s1.loss, "k": s1.k,
+                   "queue_size": s1.queue_size, "image_size": cfg.data.image_size,
+                   "data": cfg.data.kind, "num_workers": cfg.data.num_workers,
+                   "amp": cfg.amp if run.device.type == "cuda" else "off (CPU)",
+                   "channels_last": run.channels_last, "compile": cfg.compile,
+                   "bn_splits": cfg.model.bn_splits, "backend": s1.backend,
+                   "device": str(run.device)},
+        "provenance": provenance.describe(run.device, kdist.world_size()),
     }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kcl-train throughput", description=__doc__,
+    p = argparse.ArgumentParser(prog="throughput.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: the built-in defaults)")
     p.add_argument("--synthetic", action="store_true",
@@ -134,12 +136,12 @@ def main(argv=None) -> int:
     overrides = ["progress=none", "tensorboard=false"]
     if args.synthetic:
         # Synthetic images shaped like the config's data set.
-        own = load_config(args.config, args.overrides)["data"]
+        own = load_config(args.config, args.overrides).data
         overrides += ["data.kind=synthetic", "data.dataset=null"]
-        if args.config and own["kind"] == "fashion_mnist_lt":
+        if args.config and own.kind == "fashion_mnist_lt":
             overrides += ["data.num_classes=10", "data.synthetic_channels=1",
-                          f"data.synthetic_source_size={own['image_size']}"]
-        elif own["num_classes"] is None:
+                          f"data.synthetic_source_size={own.image_size}"]
+        elif own.num_classes is None:
             overrides.append("data.num_classes=1000")
     for flag, key in (("arch", "model.arch"), ("batch_size", "stage1.batch_size"),
                       ("image_size", "data.image_size"), ("amp", "amp"), ("device", "device"),
@@ -150,8 +152,8 @@ def main(argv=None) -> int:
     if args.compile:
         overrides.append("compile=true")
     cfg = load_config(args.config, overrides + args.overrides)
-    if args.synthetic and cfg["data"]["synthetic_images"] < cfg["stage1"]["batch_size"]:
-        cfg["data"]["synthetic_images"] = cfg["stage1"]["batch_size"]
+    if args.synthetic and cfg.data.synthetic_images < cfg.stage1.batch_size:
+        cfg.data.synthetic_images = cfg.stage1.batch_size
     result = measure(cfg, args.steps, args.warmup)
     if kdist.is_main():
         c = result["config"]
@@ -171,5 +173,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_command
-    sys.exit(run_command(main, sys.argv[1:]))
+    sys.exit(run_command(main, sys.argv[1:], "throughput.py"))

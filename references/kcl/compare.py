@@ -1,6 +1,6 @@
 """Prints one table of Many / Medium / Few / All and beta for several runs' report.json files:
-`python -m kcl_ext.training.compare NAME=runs/x/report.json NAME2=runs/y/report.json
-[--markdown FILE]` (also `kcl-train compare ...`).
+`python references/kcl/compare.py NAME=runs/x/report.json NAME2=runs/y/report.json
+[--markdown FILE]`.
 
 A NAME may name several reports (`NAME=a/report.json,b/report.json`, e.g. one per seed): the
 table then has a row per report and a row with their mean and standard deviation. A shot group
@@ -12,7 +12,7 @@ import json
 import statistics
 import sys
 
-from .metrics import format_table
+from metrics import format_table
 
 COLUMNS = ("many", "medium", "few", "top1", "beta")
 
@@ -32,7 +32,7 @@ def mean_row(reports: list) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="kcl-train compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="compare.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("reports", nargs="+", metavar="NAME=REPORT_JSON[,REPORT_JSON...]")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
