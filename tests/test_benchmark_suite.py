@@ -296,11 +296,16 @@ def test_render_writes_table_ratios_and_plots(tmp_path):
     publish.main([str(run_json), "--results", str(results), "--readme", str(readme),
                   "--note", "a quiet test machine."])
     text = readme.read_text()
+    full = (tmp_path / "docs" / "benchmark_results.md").read_text()
     assert "\nConditions: a quiet test machine.\n" in text
     assert text.startswith("# project\n\nintro\n") and render.BEGIN in text
-    assert "commit `0123456789`" in text and "skipped" in text
+    assert "commit `0123456789`" in text and "commit `0123456789`" in full
     assert "[`results/cpu.csv`](results/cpu.csv)" in text
-    assert "| KCL on cut-cross-entropy, k=6 | 8.19 / 4.0 | 131 / 64.0 |" in text
+    assert "[`../results/cpu.csv`](../results/cpu.csv)" in full and "skipped" in full
+    assert "[docs/benchmark_results.md](docs/benchmark_results.md)" in text
+    # the time / memory tables are in the report only; the README has the headline speed-ups
+    assert "| KCL on cut-cross-entropy, k=6 | 8.19 / 4.0 | 131 / 64.0 |" in full
+    assert "8.19 / 4.0" not in text and "| 4096 |" not in text
     # the dense loss takes 3x the fused op and 64x its memory at Q=65536, cut-cross-entropy 2x,
     # as put in the fake run; the fused op is at twice its GEMM bound
     run = render.load(str(results / "cpu.csv"))
@@ -311,11 +316,12 @@ def test_render_writes_table_ratios_and_plots(tmp_path):
     assert headline["gemm_bound"] == pytest.approx(2)
     assert found[(-1, "forward+backward", 65536)]["others"]["pml_supcon"]["memory"] == \
         pytest.approx(1 / 64)
-    assert "3.00×" in text and "2.00×" in text
+    assert "3.00×" in text and "2.00×" in text and "3.00×" in full
     assert (results / "cpu_time_vs_q.png").stat().st_size > 0
     assert (results / "cpu_memory_vs_q.png").stat().st_size > 0
     render.main(["--results", str(results), "--readme", str(readme)])   # idempotent
     assert readme.read_text() == text
+    assert (tmp_path / "docs" / "benchmark_results.md").read_text() == full
 
 
 def test_readme_throughput_rows_are_the_committed_table():
