@@ -138,6 +138,9 @@ def _has_triton() -> bool:
 setup(
     license="MIT",  # here rather than in pyproject.toml: see its comment on `dynamic`
     packages=find_packages(include=["kcl_ext", "kcl_ext.*"]),
+    # py.typed: the package's annotations are for type checkers (PEP 561). LICENSE reaches the
+    # wheel's metadata by setuptools' default license_files.
+    package_data={"kcl_ext": ["py.typed"]},
     ext_modules=[build_config()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
