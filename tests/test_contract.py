@@ -593,9 +593,11 @@ WITH_REFERENCE = ALL + [pytest.param("reference", id="reference")]
 
 
 def _compiled(fn, backend):
+    # Inductor where kernels are captured; aot_eager (tracing, fakes, autograd) for the
+    # interpreter's opaque ops and for the dense reference, whose inductor build only costs time.
     torch._dynamo.reset()
-    return torch.compile(fn, fullgraph=True,
-                         backend="aot_eager" if interpreted(backend) else "inductor")
+    light = interpreted(backend) or backend == "reference"
+    return torch.compile(fn, fullgraph=True, backend="aot_eager" if light else "inductor")
 
 
 @pytest.mark.parametrize("backend", WITH_REFERENCE)
