@@ -44,7 +44,8 @@ class MemoryBank(nn.Module):
         bank.enqueue(k, y)
 
     When the key or the queue requires grad and the bank is enqueued before backward(),
-    backward raises a RuntimeError that names this order.
+    backward raises a RuntimeError (in eager mode one that names this order; under
+    torch.compile PyTorch's own "modified by an inplace operation").
     """
 
     def __init__(self, size: int, dim: int, dtype: torch.dtype | None = None,
