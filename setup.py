@@ -140,6 +140,9 @@ setup(
     # The loss and what it needs at run time; the recipe (references/), the experiments and the
     # tools stay in the repository.
     packages=find_packages(include=["kcl_ext", "kcl_ext.*"]),
+    # py.typed: the package's annotations are for type checkers (PEP 561). LICENSE reaches the
+    # wheel's metadata by setuptools' default license_files.
+    package_data={"kcl_ext": ["py.typed"]},
     ext_modules=[build_config()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

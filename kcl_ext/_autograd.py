@@ -43,22 +43,60 @@ def register_forward_autograd(forward_op: str, backward_op, k_index: int,
     def setup_context(ctx, inputs, output):
         query, key, queue, query_labels, queue_labels = inputs[:5]
         _loss_rows, lse, positives, num_positives, target, softmax_mean = output
-        ctx.save_for_backward(query, key, queue, query_labels, queue_labels, lse, positives,
-                              num_positives, target, softmax_mean)
         ctx.k = inputs[k_index]
         ctx.temperature = inputs[temperature_index]
         ctx.num_inputs = len(inputs)
+        needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+        ctx.rows_only = needs == (True, False, False) and softmax_mean.size(0) == query.size(0)
+        if ctx.rows_only:
+            # Only the query's gradient, and the forward accumulated the softmax mean: the
+            # backward is elementwise in per-row state (d query_i = g_i / tau (m_i - t_i)), so
+            # query, key and queue are not kept. MoCo's order (loss, enqueue into the queue in
+            # place, backward) then works.
+            ctx.query_dtype = query.dtype
+            ctx.save_for_backward(target, softmax_mean)
+            return
+        ctx.save_for_backward(query, key, queue, query_labels, queue_labels, lse, positives,
+                              num_positives, target, softmax_mean)
 
     def backward(ctx, grad_rows, *_grads_of_state):
-        saved = ctx.saved_tensors
         needs = [bool(x) for x in ctx.needs_input_grad[:3]]
         no_grads = (None,) * (ctx.num_inputs - 3)
         if grad_rows is None or not any(needs):
             return (None, None, None) + no_grads
+        if ctx.rows_only:
+            target, softmax_mean = ctx.saved_tensors
+            return (query_grad_from_rows(grad_rows, target, softmax_mean, ctx.temperature,
+                                         ctx.query_dtype), None, None) + no_grads
+        saved = saved_or_explain(ctx)
         grads = backward_op(grad_rows, *saved, ctx.k, ctx.temperature, needs)
         return tuple(g if need else None for g, need in zip(grads, needs)) + no_grads
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def query_grad_from_rows(grad_rows, target, softmax_mean, temperature: float, dtype):
+    """d query = g_i / tau * (m_i - t_i), as the kernels compute it (kcl::kpos_backward)."""
+    scale = grad_rows.to(target.dtype) * (1.0 / temperature)
+    return ((softmax_mean - target) * scale[:, None]).to(dtype)
+
+
+IN_PLACE_MESSAGE = (
+    "kpos_loss: the queue (or the query or key) was changed in place between the loss and "
+    "backward(), and the gradient of the key or the queue needs its values at the time of the "
+    "loss. With kcl_ext.MemoryBank, call MemoryBank.enqueue after loss.backward(), or let only "
+    "the query require grad (key from the momentum encoder, queue a buffer: MoCo's own order, "
+    "loss, enqueue, backward, then works).")
+
+
+def saved_or_explain(ctx):
+    """ctx.saved_tensors, with autograd's in-place error explained in the terms of kpos_loss."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" in str(error):
+            raise RuntimeError(f"{IN_PLACE_MESSAGE} (autograd: {error})") from None
+        raise
 
 
 def query_grad_wanted(query: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ def _shape(t: torch.Tensor) -> list:
     return list(t.shape)
 
 
-def _is_integer_dtype(dtype: torch.dtype) -> bool:
+def is_integer_dtype(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
@@ -41,15 +41,32 @@ def check_seed(seed, name: str = "kpos_loss", allow_none: bool = True):
     return seed
 
 
-def check_temperature(temperature, name: str = "kpos_loss") -> float:
+def check_temperature(temperature, name: str = "kpos_loss", allow_tensor: bool = False):
+    """A positive finite float, or with `allow_tensor` a 0-d floating tensor (checked by its
+    metadata only: its value is not read, which would synchronise with the device)."""
+    if allow_tensor and isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0 or not temperature.dtype.is_floating_point:
+            raise ValueError(
+                f"{name}: a temperature tensor must be a 0-d floating tensor (e.g. a learnable "
+                f"torch.nn.Parameter(torch.tensor(0.07))), got {temperature.dtype} of shape "
+                f"{_shape(temperature)}")
+        return temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(
-            f"{name}: temperature must be a positive finite float, got {type(temperature).__name__}"
-        )
+        expected = ("a positive finite float or a 0-d floating tensor" if allow_tensor
+                    else "a positive finite float")
+        raise TypeError(f"{name}: temperature must be {expected}, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0.0:
         raise ValueError(f"{name}: temperature must be a positive finite float, got {temperature}")
     return temperature
+
+
+def check_temperature_device(temperature, query, name: str = "kpos_loss") -> None:
+    """A temperature tensor lives on query's device or is a CPU scalar."""
+    if (isinstance(temperature, torch.Tensor) and temperature.device != query.device
+            and temperature.device.type != "cpu"):
+        raise ValueError(f"{name}: a temperature tensor must be on query's device "
+                         f"{query.device} (or the CPU), got {temperature.device}")
 
 
 def check_reduction(reduction, name: str = "kpos_loss") -> str:
@@ -62,7 +79,7 @@ def check_labels(query_labels, queue_labels, n=None, q=None, name: str = "kpos_l
     for arg, t in (("query_labels", query_labels), ("queue_labels", queue_labels)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-        if not _is_integer_dtype(t.dtype):
+        if not is_integer_dtype(t.dtype):
             raise TypeError(f"{name}: {arg} must have an integer dtype (e.g. torch.int64), got {t.dtype}")
         if t.dim() != 1:
             raise ValueError(f"{name}: {arg} must be 1-D, got shape {_shape(t)}")
@@ -114,6 +131,7 @@ def check_all(query, key, queue, query_labels, queue_labels, k, temperature, red
               name: str = "kpos_loss"):
     check_inputs(query, key, queue, query_labels, queue_labels, name)
     check_k(k, name)
-    check_temperature(temperature, name)
+    check_temperature(temperature, name, allow_tensor=True)
+    check_temperature_device(temperature, query, name)
     check_reduction(reduction, name)
     check_seed(seed, name)

@@ -8,7 +8,7 @@ import torch
 
 from . import _library  # noqa: F401  (loads the compiled library: torch.ops.kcl.*)
 from . import _amp, _autograd, _backend_choice, _validation
-from .reference import kpos_loss_reference
+from .reference import draw_seed, kpos_loss_reference
 
 BACKENDS = _backend_choice.CHOICES
 
@@ -67,27 +67,70 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 def kpos_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
               query_labels: torch.Tensor, queue_labels: torch.Tensor, *, k: int = 6,
-              temperature: float = 0.07, reduction: str = "mean", seed: int | None = None,
-              backend: str = "auto") -> torch.Tensor:
+              temperature: float | torch.Tensor = 0.07, reduction: str = "mean",
+              seed: int | None = None, backend: str = "auto") -> torch.Tensor:
     """k-positive contrastive loss (KCL) of `query` against its own `key` and a labelled `queue`.
 
     Each query is pulled towards its own key plus `k` same-class queue entries drawn uniformly at
-    random (`k=0`: MoCo's InfoNCE, `k=-1`: all same-class entries), against every valid queue
-    entry. Entries with a negative label are empty slots. See docs/kpos_loss.md for the contract.
+    random without replacement (`k=0`: MoCo's InfoNCE; `k=-1`: every same-class entry), against
+    every valid queue entry:
+    ``loss_i = logsumexp_j(q_i . x_j / tau) - mean_{p in P_i}(q_i . x_p / tau)`` over the own key
+    and the valid queue entries. The full contract is docs/kpos_loss.md.
 
     Args:
-        query, key: [N, D] features (row i of key is the other view of query i).
-        queue: [Q, D] memory-bank keys, same dtype and device.
-        query_labels, queue_labels: integer class labels [N] and [Q].
-        k: positives drawn from the queue per query (-1 = all same-class entries).
-        temperature: softmax temperature tau > 0.
-        reduction: "mean", "sum" or "none".
-        seed: int seed of the positive selection; None draws one from torch's default generator.
-        backend: "auto", "cpu", "cuda", "triton" or "reference".
+        query: [N, D] float32, float16, bfloat16 or float64 features of the query encoder.
+            Features are used as given and are expected L2-normalised (as in MoCo and the paper,
+            `torch.nn.functional.normalize(x, dim=1)`); unnormalised features are not rejected,
+            they give logits (and a loss) scaled by their norms.
+        key: [N, D], query's dtype and device; row i is the other view of query i.
+        queue: [Q, D], query's dtype and device: the memory bank (`MemoryBank.keys`). Q may be 0.
+        query_labels: [N] integer class labels. A negative label means "no class": the query's
+            only positive is its own key.
+        queue_labels: [Q] integer labels; a negative label marks an empty slot, which takes no
+            part (neither positive nor in the denominator).
+        k: positives drawn from the queue per query, >= -1 (-1 = all same-class entries). A query
+            with fewer than `k` same-class entries takes all of them.
+        temperature: tau, a positive finite float, or a 0-d floating tensor (a learnable
+            temperature: it then gets a gradient). A tensor's value is not checked (that would
+            synchronise with the device): a non-positive or non-finite one gives a NaN loss.
+        reduction: "mean" (default), "sum" or "none" (the [N] vector of per-query losses).
+        seed: int seed of the positive selection (same seed, same positives on every backend);
+            None draws one from torch's default CPU generator, so `torch.manual_seed` reproduces
+            the run and `sample_positives(..., seed=None)` after the same `manual_seed` shows the
+            positives this call draws.
+        backend: "auto" (default: the CPU kernel on CPU tensors; on CUDA tensors the CUDA
+            kernels when built, else Triton, never chosen by timing: `kcl_ext.resolve_backend`
+            says which), "cpu", "cuda", "triton" or "reference" (the dense pure-PyTorch loss).
+
+    Returns:
+        The loss in query's dtype (float32 under autocast): a 0-d tensor for "mean" and "sum",
+        [N] for "none". Differentiable in query, key, queue and a tensor temperature.
+
+    Degenerate cases: an empty queue or one of only empty slots gives loss 0 and zero gradients
+    for every row (the own key is the only logit); N = 0 gives NaN for "mean" (the mean of
+    nothing), 0 for "sum" and [0] for "none". A NaN or Inf in a query or key row makes that row's
+    loss and gradients non-finite; in a queue row (an empty slot included), every row's.
+
+    Raises:
+        TypeError: a tensor argument of the wrong type or dtype (e.g. float labels), a non-int k
+            or seed, a temperature neither float nor tensor.
+        ValueError: wrong shapes or devices, k < -1, a non-positive or non-finite float
+            temperature, a temperature tensor that is not 0-d, an unknown reduction or backend,
+            a seed outside int64.
+
+    With only the query requiring a gradient (MoCo: the key from the momentum encoder, the
+    queue a buffer), the backward keeps no reference to query, key or queue, so the queue may be
+    changed in place (`MemoryBank.enqueue`) before `backward()`. When the key or the queue
+    requires a gradient, change the queue after `backward()`; otherwise backward raises.
     """
     query, key, queue = _amp.autocast_features(query, key, queue)
     _validation.check_all(query, key, queue, query_labels, queue_labels, k, temperature, reduction,
                           seed)
+    if isinstance(temperature, torch.Tensor):
+        # loss(q, tau) = loss(q / tau, 1): the kernels run at tau = 1 on the scaled query and
+        # autograd of the division gives d loss / d tau = -sum_i g_i q_i . (m_i - t_i) / tau^2
+        # from the query's per-row gradient (docs/kpos_loss.md, "A learnable temperature").
+        query, temperature = scale_by_temperature(query, temperature), 1.0
     temperature = float(temperature)
     chosen = _resolve_backend(backend, query.device)
     if chosen == "reference":
@@ -101,35 +144,93 @@ def kpos_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
                                    reduction, seed)
 
 
-def sample_positives(query_labels: torch.Tensor, queue_labels: torch.Tensor, k: int,
-                     seed: int) -> torch.Tensor:
-    """The queue indices that kpos_loss selects as positives for `seed`.
+def scale_by_temperature(query: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """query / temperature in query's dtype; NaN where the temperature is not positive and finite
+    (a check without a host synchronisation)."""
+    usable = torch.isfinite(temperature) & (temperature > 0)
+    tau = torch.where(usable, temperature, torch.full_like(temperature, float("nan")))
+    return (query / tau).to(query.dtype)
 
-    Returns int64 [N, k] (for k=-1: [N, max_i |M_i|]), ascending per row, padded with -1.
+
+def sample_positives(query_labels: torch.Tensor, queue_labels: torch.Tensor, k: int,
+                     seed: int | None = None) -> torch.Tensor:
+    """The queue indices that `kpos_loss` selects as positives: for inspection and tests.
+
+    Args:
+        query_labels: [N] integer labels (negative: no class, no positive from the queue).
+        queue_labels: [Q] integer labels (negative: empty slot, never selected).
+        k: positives per query, >= -1 (-1 = all same-class entries).
+        seed: the seed given to `kpos_loss`; None draws one from torch's default CPU generator
+            exactly as `kpos_loss(..., seed=None)` does, so after the same `torch.manual_seed`
+            both select the same positives.
+
+    Returns:
+        int64 [N, k] on the labels' device (for k=-1: [N, max_i |M_i|], M_i the same-class valid
+        entries of query i): the selected queue indices of each row in ascending order, padded
+        with -1 where a query has fewer than k same-class entries (all of them are taken).
+
+    Raises:
+        TypeError: labels not integer tensors, k or seed not an int.
+        ValueError: labels not 1-D or on different devices, k < -1, seed outside int64.
     """
     _validation.check_labels(query_labels, queue_labels, name="sample_positives")
     _validation.check_k(k, "sample_positives")
-    _validation.check_seed(seed, "sample_positives", allow_none=False)
+    _validation.check_seed(seed, "sample_positives")
+    if seed is None:
+        seed = draw_seed()
     return torch.ops.kcl.sample_positives(query_labels, queue_labels, k, seed)
 
 
 class KPositiveContrastiveLoss(torch.nn.Module):
-    """`kpos_loss` as a module: `loss = criterion(query, key, queue, query_labels, queue_labels)`."""
+    """`kpos_loss` as a module: `loss = criterion(query, key, queue, query_labels, queue_labels)`.
 
-    def __init__(self, k: int = 6, temperature: float = 0.07, reduction: str = "mean",
-                 backend: str = "auto"):
+    Args:
+        k: positives drawn from the queue per query, >= -1 (-1 = all same-class entries).
+        temperature: a positive finite float, or a 0-d floating tensor; pass a
+            `torch.nn.Parameter` to learn it (it is then a parameter of this module).
+        reduction: "mean", "sum" or "none".
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
+
+    Raises:
+        TypeError, ValueError: as `kpos_loss` for a bad k, temperature, reduction or backend.
+
+    Example::
+
+        criterion = KPositiveContrastiveLoss(k=6, temperature=0.07)
+        loss = criterion(q, k, bank.keys, labels, bank.labels)
+    """
+
+    def __init__(self, k: int = 6, temperature: float | torch.Tensor = 0.07,
+                 reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        self.k = _validation.check_k(k)
-        self.temperature = _validation.check_temperature(temperature)
-        self.reduction = _validation.check_reduction(reduction)
+        self.k = _validation.check_k(k, "KPositiveContrastiveLoss")
+        self.temperature = _validation.check_temperature(temperature, "KPositiveContrastiveLoss",
+                                                         allow_tensor=True)
+        self.reduction = _validation.check_reduction(reduction, "KPositiveContrastiveLoss")
         if backend not in BACKENDS:
             raise ValueError(f"KPositiveContrastiveLoss: backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
 
-    def forward(self, query, key, queue, query_labels, queue_labels, seed: int | None = None):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
+                query_labels: torch.Tensor, queue_labels: torch.Tensor,
+                seed: int | None = None) -> torch.Tensor:
+        """The loss of `query` against `key` and the labelled `queue`.
+
+        Args:
+            query, key: [N, D] L2-normalised features (one dtype and device).
+            queue: [Q, D] memory-bank keys; queue_labels [Q] (negative = empty slot).
+            query_labels: [N] integer labels (negative = no class).
+            seed: selection seed; None draws one from torch's default CPU generator.
+
+        Returns:
+            As `kpos_loss` with this module's k, temperature, reduction and backend: 0-d for
+            "mean"/"sum", [N] for "none". Raises as `kpos_loss` does for bad inputs.
+        """
         return kpos_loss(query, key, queue, query_labels, queue_labels, k=self.k,
                          temperature=self.temperature, reduction=self.reduction, seed=seed,
                          backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, temperature={self.temperature}, reduction={self.reduction!r}"
+        temperature = (f"tensor({self.temperature.detach().cpu().item():g})"
+                       if isinstance(self.temperature, torch.Tensor) else self.temperature)
+        return f"k={self.k}, temperature={temperature}, reduction={self.reduction!r}"

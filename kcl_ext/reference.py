@@ -102,12 +102,16 @@ def kpos_loss_reference(query, key, queue, query_labels, queue_labels, *, k: int
 
 def _dense_loss(query, key, queue, query_labels, queue_labels, k, temperature, reduction, seed):
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    q, kk, bank = query.to(acc), key.to(acc), queue.to(acc)
+    # A private copy of the queue: the products below keep it for the backward, and the queue of
+    # a memory bank is changed in place between the loss and backward() in MoCo's order.
+    q, kk, bank = query.to(acc), key.to(acc), queue.to(acc, copy=True)
 
     own_logit = (q * kk).sum(1) / temperature                     # s_i0, [N]
     queue_logits = q @ bank.t() / temperature                     # s_ij, [N, Q]
-    valid = (queue_labels >= 0)[None, :]                          # empty slots take no part
-    all_logits = torch.cat([own_logit[:, None], queue_logits.masked_fill(~valid, float("-inf"))], 1)
+    # Empty slots take no part: an additive -inf, as in the kernels (so a NaN stored in an empty
+    # slot still reaches the loss, docs/kpos_loss.md "Non-finite inputs").
+    empty_bias = torch.where(queue_labels >= 0, 0.0, float("-inf")).to(acc)[None, :]
+    all_logits = torch.cat([own_logit[:, None], queue_logits + empty_bias], 1)
     lse = torch.logsumexp(all_logits, dim=1)
 
     positives = selection_mask(query_labels, queue_labels, k, seed)                  # S_i

@@ -574,8 +574,8 @@ def test_module_rejects_bad_arguments():
 
 def test_sample_positives_bad_input():
     x = _good("cpu")
-    with pytest.raises(TypeError, match="sample_positives: seed must be an int"):
-        kcl_ext.sample_positives(x[3], x[4], 2, None)
+    with pytest.raises(TypeError, match="sample_positives: seed must be an int or None"):
+        kcl_ext.sample_positives(x[3], x[4], 2, "1")
     with pytest.raises(ValueError, match="sample_positives: k must be >= -1"):
         kcl_ext.sample_positives(x[3], x[4], -5, 0)
     with pytest.raises(TypeError, match="queue_labels must have an integer dtype"):
@@ -583,3 +583,188 @@ def test_sample_positives_bad_input():
     with pytest.raises(ValueError, match="k must be >= -1"):
         torch.ops.kcl.sample_positives(x[3], x[4], -2, 0)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# As users meet the op: MoCo's order, non-finite inputs, a learnable temperature, inspection.
+# The reference backend joins where the rule is one every backend holds.
+# ----------------------------------------------------------------------------------------------
+WITH_REFERENCE = ALL + [pytest.param("reference", id="reference")]
+
+
+def _compiled(fn, backend):
+    # Inductor where kernels are captured; aot_eager (tracing, fakes, autograd) for the
+    # interpreter's opaque ops and for the dense reference, whose inductor build only costs time.
+    torch._dynamo.reset()
+    light = interpreted(backend) or backend == "reference"
+    return torch.compile(fn, fullgraph=True, backend="aot_eager" if light else "inductor")
+
+
+@pytest.mark.parametrize("backend", WITH_REFERENCE)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_moco_order_enqueue_before_backward(backend, compiled):
+    """MoCo's order, loss -> MemoryBank.enqueue -> backward, with only the query requiring grad:
+    the gradient is the one against the queue as it was at the loss."""
+    n, q, d = 9, 40, 8
+    x = inputs_for(backend, n, q, d, seed=21, requires_grad=(True, False, False))
+    query, key, labels = x[0], x[1], x[3]
+    bank = kcl_ext.MemoryBank(q, d).to(device_of(backend))
+    bank.enqueue(x[2], x[4])
+    kw = dict(k=2, temperature=0.1, seed=5, backend=backend)
+    want = torch.autograd.grad(kcl_ext.kpos_loss(query, key, bank.keys.clone(), labels,
+                                                 bank.labels.clone(), **kw), query)[0]
+
+    def step(query, key, queue, query_labels, queue_labels):
+        return kcl_ext.kpos_loss(query, key, queue, query_labels, queue_labels, **kw)
+
+    loss = (_compiled(step, backend) if compiled else step)(query, key, bank.keys, labels,
+                                                            bank.labels)
+    bank.enqueue(-key, labels)       # overwrites slots the loss read, in place, before backward
+    assert not torch.equal(bank.keys[:n], x[2][:n])
+    loss.backward()
+    assert_close(query.grad, want, "cpu" if backend == "reference" else backend, torch.float32,
+                 "query gradient after enqueue")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("wanted", ["key", "queue"])
+def test_queue_changed_before_backward_with_key_or_queue_grad_raises_clearly(backend, wanted):
+    x = inputs_for(backend, 9, 40, 8, seed=22,
+                   requires_grad=(True, wanted == "key", wanted == "queue"))
+    loss = Ops(backend).loss(*x, k=2, seed=5)
+    with torch.no_grad():
+        x[2].mul_(-1.0)              # what MemoryBank.enqueue does to the queue
+    with pytest.raises(RuntimeError, match=r"MemoryBank\.enqueue after loss\.backward\(\)"):
+        loss.backward()
+
+
+def _poisoned(backend, where):
+    """Inputs with one NaN: in query row 0, key row 0, a valid queue entry or an empty slot."""
+    x = list(inputs_for(backend, 6, 20, 8, seed=1, requires_grad=(False, False, False)))
+    x[4][3] = -1                                   # slot 3 is empty
+    valid = int(torch.nonzero(x[4] >= 0)[0])
+    tensor, row = {"query": (0, 0), "key": (1, 0), "queue": (2, valid), "empty slot": (2, 3)}[where]
+    x[tensor] = x[tensor].clone()
+    x[tensor][row, 0] = float("nan")
+    return [t.requires_grad_() if i < 3 else t for i, t in enumerate(x)]
+
+
+@pytest.mark.parametrize("backend", WITH_REFERENCE)
+@pytest.mark.parametrize("where", ["query", "key", "queue", "empty slot"])
+@pytest.mark.parametrize("k", [0, 2, -1])
+def test_non_finite_input_rule(backend, where, k):
+    """docs/kpos_loss.md, "Non-finite inputs": a NaN in query or key row i makes row i's loss
+    and gradients and the whole queue gradient NaN, the other rows as without it; a NaN in the
+    queue, an empty slot included, makes everything NaN. Never a finite gradient of a NaN row."""
+    x = _poisoned(backend, where)
+    loss, grads = loss_and_grads(Ops(backend).loss, x, k=k, reduction="none", seed=3)
+    ref_loss, ref_grads = loss_and_grads(reference_float64, x, k=k, reduction="none", seed=3)
+    hit = torch.zeros(6, dtype=torch.bool)
+    hit[0] = True
+    if where in ("queue", "empty slot"):
+        hit[:] = True
+    for name, got, want in (("loss", loss, ref_loss), *zip(("query", "key", "queue"), grads,
+                                                           ref_grads)):
+        got, want = got.detach().cpu(), want.detach().cpu()
+        if name == "loss":
+            bad = ~got.isfinite()
+        else:
+            bad = ~got.isfinite().all(1)
+        expected = torch.ones_like(bad) if name == "queue" else hit
+        assert torch.equal(bad, expected), f"non-finite rows of the {name} {where}: {bad.tolist()}"
+        assert torch.equal(got.isfinite(), want.isfinite()), f"{name}: as the reference"
+        finite = got.isfinite()
+        if finite.any():
+            kind = "cpu" if backend == "reference" else backend
+            assert_close(got[finite], want[finite], kind, torch.float32, f"finite {name}")
+
+
+def _learnable(value, backend, dtype=torch.float32):
+    return torch.tensor(value, dtype=dtype, device=device_of(backend), requires_grad=True)
+
+
+@pytest.mark.parametrize("backend", WITH_REFERENCE)
+@pytest.mark.parametrize("k", [0, 3, -1])
+def test_tensor_temperature_matches_float_and_has_the_per_row_gradient(backend, k):
+    n, q, d = 21, 70, 24
+    x = inputs_for(backend, n, q, d, seed=31, negative_queries=1)
+    weights = grad_weights(n, torch.float32, device_of(backend))
+    kw = dict(k=k, reduction="none", seed=9)
+    tau = _learnable(0.1, backend)
+    loss = Ops(backend).loss(*x, temperature=tau, **kw)
+    *grads, grad_tau = torch.autograd.grad((loss * weights).sum(), [*x[:3], tau])
+    ref_loss, ref_grads = loss_and_grads(reference_float64, x, weights, temperature=0.1, **kw)
+    kind = "cpu" if backend == "reference" else backend
+    assert_close(loss, ref_loss, kind, torch.float32, "loss with a tensor temperature")
+    for name, g, rg in zip(("query", "key", "queue"), grads, ref_grads):
+        assert_close(g, rg, kind, torch.float32, f"grad of {name} with a tensor temperature")
+    # d loss_i / d tau = -q_i . (m_i - t_i) / tau^2, from the dense float64 reference.
+    tau64 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    ref = kcl_ext.kpos_loss_reference(*(t.detach().double().cpu() for t in x[:3]),
+                                      x[3].cpu(), x[4].cpu(), temperature=tau64, **kw)
+    want_tau = torch.autograd.grad((ref * weights.double().cpu()).sum(), tau64)[0]
+    assert_close(grad_tau, want_tau, kind, torch.float32, "gradient of the temperature")
+
+
+@pytest.mark.parametrize("backend", WITH_REFERENCE)
+@pytest.mark.parametrize("k", [0, 2, -1])
+def test_gradcheck_float64_temperature(backend, k):
+    x = inputs_for(backend, 5, 17, 4, dtype=torch.float64, seed=k + 40, empty_fraction=0.2,
+                   negative_queries=1)
+    tau = _learnable(0.5, backend, torch.float64)
+
+    def fn(query, key, queue, temperature):
+        return Ops(backend).loss(query, key, queue, x[3], x[4], k=k, temperature=temperature,
+                                 reduction="none", seed=77)
+
+    assert torch.autograd.gradcheck(fn, (*x[:3], tau), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", WITH_REFERENCE)
+def test_torch_compile_fullgraph_learnable_temperature(backend):
+    x = inputs_for(backend, 12, 60, 16, seed=33, requires_grad=(True, False, False))
+    tau = _learnable(0.07, backend)
+
+    def step(query, key, queue, query_labels, queue_labels, temperature):
+        return kcl_ext.kpos_loss(query, key, queue, query_labels, queue_labels, k=3,
+                                 temperature=temperature, seed=2, backend=backend)
+
+    want = step(*x, tau)
+    want_grads = torch.autograd.grad(want, (x[0], tau))
+    got = _compiled(step, backend)(*x, tau)
+    got_grads = torch.autograd.grad(got, (x[0], tau))
+    kind = "cpu" if backend == "reference" else backend
+    for a, b in zip((got, *got_grads), (want, *want_grads)):
+        assert_close(a, b, kind, torch.float32, "compiled, learnable temperature")
+    explanation = torch._dynamo.explain(step)(*x, tau)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_float_temperature_unchanged_and_bad_temperature_tensors(backend):
+    x = inputs_for(backend, 6, 30, 8, seed=34)
+    loss = Ops(backend).loss(*x, k=2, temperature=0.2, seed=1, reduction="none")
+    rows = Ops(backend).forward(*(t.detach() for t in x), 2, 0.2, 1)[0]
+    assert torch.equal(loss.detach(), rows)           # the float goes to the kernels as it is
+    with pytest.raises(ValueError, match=r"temperature tensor must be a 0-d floating tensor"):
+        Ops(backend).loss(*x, temperature=torch.tensor([0.1]), seed=1)
+    with pytest.raises(ValueError, match=r"temperature tensor must be a 0-d floating tensor"):
+        Ops(backend).loss(*x, temperature=torch.tensor(1), seed=1)
+    with pytest.raises(TypeError, match=r"temperature must be a positive finite float or a 0-d"):
+        Ops(backend).loss(*x, temperature="0.1", seed=1)
+    # Not checked on the host (no synchronisation): a non-positive tensor gives NaN, not a loss.
+    for bad in (0.0, -0.1, float("inf")):
+        tau = torch.tensor(bad, device=device_of(backend))
+        assert Ops(backend).loss(*x, temperature=tau, seed=1).isnan()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_sample_positives_seed_none_draws_as_kpos_loss(backend):
+    x = inputs_for(backend, 12, 60, 8, seed=3, classes=3, requires_grad=(False, False, False))
+    torch.manual_seed(7)
+    shown = kcl_ext.sample_positives(x[3], x[4], 3)
+    torch.manual_seed(7)
+    positives = Ops(backend).forward(*x, 3, 0.1, None)[2]
+    assert torch.equal(shown.cpu(), positives.cpu())
+    torch.manual_seed(8)
+    assert not torch.equal(kcl_ext.sample_positives(x[3], x[4], 3, None).cpu(), shown.cpu())

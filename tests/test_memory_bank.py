@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kcl_ext import MemoryBank
+from kcl_ext import MemoryBank, kpos_loss
 from _harness import free_port, init_gloo
 
 
@@ -58,6 +58,57 @@ def test_enqueue_rejects_bad_shapes():
         bank.enqueue(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="size and dim"):
         MemoryBank(0, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_dtype_and_device_are_the_models(dtype):
+    """A bank of the model's dtype meets kpos_loss without a cast (bfloat16 features against a
+    float32 bank are a dtype error outside autocast)."""
+    bank = MemoryBank(16, 4, dtype=dtype, device="cpu")
+    assert bank.keys.dtype == dtype and bank.keys.device.type == "cpu"
+    assert bank.labels.dtype == torch.int64 and bank.dim == 4
+    g = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(16, 4, generator=g), dim=1)
+    bank.enqueue(keys, torch.arange(16) % 3)            # float32 keys: cast to the bank's dtype
+    assert torch.equal(bank.keys, keys.to(dtype))
+    query = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=1).to(dtype)
+    loss = kpos_loss(query.requires_grad_(), query.detach(), bank.keys, torch.arange(5) % 3,
+                     bank.labels, k=2, seed=0)
+    assert loss.dtype == dtype and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="MemoryBank: dtype must be one of"):
+        MemoryBank(4, 3, dtype=torch.int64)
+
+
+def test_enqueue_rejects_float_labels_as_kpos_loss_does():
+    bank = MemoryBank(4, 3)
+    with pytest.raises(TypeError, match=r"MemoryBank.enqueue: labels must have an integer dtype"):
+        bank.enqueue(torch.zeros(2, 3), torch.tensor([0.5, 1.0]))
+    with pytest.raises(TypeError, match=r"MemoryBank.enqueue: labels must have an integer dtype"):
+        bank.enqueue(torch.zeros(2, 3), torch.tensor([True, False]))
+    with pytest.raises(TypeError, match=r"MemoryBank.enqueue: keys must be a floating tensor"):
+        bank.enqueue(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1]))
+    assert len(bank) == 0 and bank.labels.tolist() == [-1] * 4     # nothing was written
+    bank.enqueue(torch.ones(2, 3), torch.tensor([3, 4], dtype=torch.int16))
+    assert bank.labels.tolist() == [3, 4, -1, -1]
+
+
+def test_repr_says_size_dim_filled_and_dtype():
+    bank = MemoryBank(8, 3, dtype=torch.bfloat16)
+    bank.enqueue(torch.ones(5, 3), torch.arange(5))
+    text = repr(bank)
+    for part in ("size=8", "dim=3", "filled=5", "dtype=torch.bfloat16"):
+        assert part in text, text
+
+
+def test_public_methods_have_docstrings():
+    for name in ("__init__", "enqueue", "size", "dim", "is_full", "__len__"):
+        member = getattr(MemoryBank, name)
+        doc = (member.fget if isinstance(member, property) else member).__doc__
+        assert doc and doc.strip(), f"MemoryBank.{name} has no docstring"
+    assert "Args:" in MemoryBank.__doc__ and "Raises:" in MemoryBank.enqueue.__doc__
+    # Both orders are shown: MoCo's (enqueue before backward) and enqueue after backward.
+    assert "bank.enqueue(k, y)\n        loss.backward()" in MemoryBank.__doc__
+    assert "loss.backward()\n        bank.enqueue(k, y)" in MemoryBank.__doc__
 
 
 def _gather_worker(rank, world, port, result):

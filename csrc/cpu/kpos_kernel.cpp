@@ -141,7 +141,7 @@ template <>
 struct RowOps<double> {
   double max_biased(const double* x, const double* bias, int64_t n) const {
     double m = -std::numeric_limits<double>::infinity();
-    for (int64_t j = 0; j < n; ++j) m = std::max(m, bias ? x[j] + bias[j] : x[j]);
+    for (int64_t j = 0; j < n; ++j) m = max_keep_nan(m, bias ? x[j] + bias[j] : x[j]);
     return m;
   }
   double exp2_sum(double* x, const double* bias, int64_t n, double shift) const {
@@ -578,7 +578,7 @@ void dense_chunk(const Problem<acc_t>& p, int64_t r0, int64_t rows, int64_t j0, 
     const acc_t* bias = p.empty.tile_bias(t0);
     for (int64_t r = 0; r < rows; ++r) {
       acc_t* row = logits + r * kTile;
-      const acc_t new_max = std::max(run_max[r], ops.max_biased(row, bias, width));
+      const acc_t new_max = max_keep_nan(run_max[r], ops.max_biased(row, bias, width));
       if (new_max == neg_inf) {  // every entry so far empty: nothing to add, nothing to rescale
         std::fill(row, row + width, acc_t(0));
         continue;
@@ -634,7 +634,7 @@ void dense_forward(const Problem<acc_t>& p, acc_t* lse, acc_t* mean) {
         const acc_t cm = part_max[c * n + i], cs = part_sum[c * n + i];
         if (cs == acc_t(0)) continue;
         any = true;
-        const acc_t new_m = std::max(m, cm);
+        const acc_t new_m = max_keep_nan(m, cm);
         const acc_t a = std::exp2(m - new_m), b = std::exp2(cm - new_m);
         s = s * a + cs * b;
         if (mi) {

@@ -10,7 +10,7 @@
 // f = x - n in [-1/2, 1/2], exact; 2^f by a degree-6 polynomial (its coefficients fitted here for
 // the relative error, 1.3 ulp at most in float32), 2^n assembled in the exponent bits. Inputs
 // are clamped to [-127, 127] first: n = -127 makes the exponent bits 0 and the result exactly 0,
-// so every input below -127, -inf included, gives 0 with no separate test.
+// so every input below -127, -inf included, gives 0 with no separate test; a NaN stays NaN.
 #include "cpu/row_kernels.h"
 
 #include <c10/util/Exception.h>
@@ -43,6 +43,10 @@ constexpr float kC1 = 0.6931471824645996f, kC2 = 0.24022647738456726f,
                 kC5 = 0.0013398875016719103f, kC6 = 0.00015353360504377633f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kLanes = 8;  // both builds sum in 8 interleaved partial sums
+
+// max(a, b) keeping a NaN of either argument, so a NaN logit reaches the loss (std::max drops
+// it). Local rather than kcl/kpos_common.h's: see the note on inline header functions above.
+inline float max_keep_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 
 // ---------------------------------------------------------------------------------------------
 // Portable build: loops over blocks of 8 that compilers vectorise with the baseline ISA.
@@ -80,10 +84,10 @@ float max_biased_generic(const float* x, const float* bias, int64_t n) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
     for (int l = 0; l < kLanes; ++l)
-      lane[l] = std::max(lane[l], bias ? x[j + l] + bias[j + l] : x[j + l]);
-  for (int l = 0; j < n; ++j, ++l) lane[l] = std::max(lane[l], bias ? x[j] + bias[j] : x[j]);
+      lane[l] = max_keep_nan(lane[l], bias ? x[j + l] + bias[j + l] : x[j + l]);
+  for (int l = 0; j < n; ++j, ++l) lane[l] = max_keep_nan(lane[l], bias ? x[j] + bias[j] : x[j]);
   float m = lane[0];
-  for (int l = 1; l < kLanes; ++l) m = std::max(m, lane[l]);
+  for (int l = 1; l < kLanes; ++l) m = max_keep_nan(m, lane[l]);
   return m;
 }
 
@@ -136,7 +140,8 @@ const RowKernels kGeneric = {"generic", max_biased_generic, exp2_sum_generic,
 // ---------------------------------------------------------------------------------------------
 #if KCL_HAVE_AVX2_BUILD
 KCL_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExp2Low)), _mm256_set1_ps(kExp2High));
+  // maxps / minps return their second operand when one is NaN: x second, so a NaN stays NaN.
+  x = _mm256_min_ps(_mm256_set1_ps(kExp2High), _mm256_max_ps(_mm256_set1_ps(kExp2Low), x));
   const __m256 magic = _mm256_set1_ps(kRoundMagic);
   const __m256 rounded = _mm256_add_ps(x, magic);
   const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(rounded, magic));
@@ -174,19 +179,26 @@ KCL_TARGET_AVX2 inline __m256 load_biased(const float* x, const float* bias) {
 }
 
 KCL_TARGET_AVX2 float max_biased_avx2(const float* x, const float* bias, int64_t n) {
-  __m256 m0 = _mm256_set1_ps(-kInf), m1 = m0;
+  // maxps drops a NaN operand: `unordered` collects the NaN lanes, which the result keeps.
+  __m256 m0 = _mm256_set1_ps(-kInf), m1 = m0, unordered = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
-    m0 = _mm256_max_ps(m0, load_biased(x + j, bias ? bias + j : nullptr));
-    m1 = _mm256_max_ps(m1, load_biased(x + j + kLanes, bias ? bias + j + kLanes : nullptr));
+    const __m256 v0 = load_biased(x + j, bias ? bias + j : nullptr);
+    const __m256 v1 = load_biased(x + j + kLanes, bias ? bias + j + kLanes : nullptr);
+    m0 = _mm256_max_ps(m0, v0);
+    m1 = _mm256_max_ps(m1, v1);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
   }
   if (j < n) {
     alignas(32) float tail[2 * kLanes];
     for (int l = 0; l < 2 * kLanes; ++l)
       tail[l] = j + l < n ? (bias ? x[j + l] + bias[j + l] : x[j + l]) : -kInf;
-    m0 = _mm256_max_ps(m0, _mm256_load_ps(tail));
-    m1 = _mm256_max_ps(m1, _mm256_load_ps(tail + kLanes));
+    const __m256 v0 = _mm256_load_ps(tail), v1 = _mm256_load_ps(tail + kLanes);
+    m0 = _mm256_max_ps(m0, v0);
+    m1 = _mm256_max_ps(m1, v1);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
   }
+  if (_mm256_movemask_ps(unordered) != 0) return std::numeric_limits<float>::quiet_NaN();
   return horizontal_max(_mm256_max_ps(m0, m1));
 }
 

@@ -83,7 +83,8 @@ __device__ __forceinline__ T warp_sum(T v) {
 template <typename T>
 __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v = max_keep_nan(v, __shfl_xor_sync(kFullMask, v, offset));
   return v;
 }
 // Over the 4 lanes that share a row of the accumulator layout.
@@ -94,8 +95,8 @@ __device__ __forceinline__ T quad_sum(T v) {
 }
 template <typename T>
 __device__ __forceinline__ T quad_max(T v) {
-  v = max(v, __shfl_xor_sync(kFullMask, v, 1));
-  return max(v, __shfl_xor_sync(kFullMask, v, 2));
+  v = max_keep_nan(v, __shfl_xor_sync(kFullMask, v, 1));
+  return max_keep_nan(v, __shfl_xor_sync(kFullMask, v, 2));
 }
 
 template <typename scalar_t>
@@ -420,13 +421,13 @@ struct ForwardPolicy {
         const acc_t bias = columns[0][8 * n + 2 * t + e];
         s[n][e] = s[n][e] * p.inv_tau + bias;
         s[n][2 + e] = s[n][2 + e] * p.inv_tau + bias;
-        tile_max[0] = max(tile_max[0], s[n][e]);
-        tile_max[1] = max(tile_max[1], s[n][2 + e]);
+        tile_max[0] = max_keep_nan(tile_max[0], s[n][e]);  // a NaN logit reaches the loss
+        tile_max[1] = max_keep_nan(tile_max[1], s[n][2 + e]);
       }
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const acc_t new_max = max(run_max[h], quad_max(tile_max[h]));
+      const acc_t new_max = max_keep_nan(run_max[h], quad_max(tile_max[h]));
       const bool none = new_max == neg_inf<acc_t>();  // nothing valid yet: no -inf - -inf
       scale[h] = none ? acc_t(1) : acc_exp(run_max[h] - new_max);
       acc_t sum = acc_t(0);
@@ -724,11 +725,12 @@ forward_rows_kernel(Rows<scalar_t> query, Rows<scalar_t> key, const acc_t* targe
   positive = mul_rn(positive, inv_tau);
   acc_t row_max = own;
   for (int64_t s = lane; s < splits; s += 32)
-    if (part_sum[s * n + i] > acc_t(0)) row_max = max(row_max, part_max[s * n + i]);
+    // != 0 rather than > 0: a NaN split (a NaN logit) is merged, not dropped.
+    if (part_sum[s * n + i] != acc_t(0)) row_max = max_keep_nan(row_max, part_max[s * n + i]);
   row_max = warp_max(row_max);
   acc_t sum = acc_t(0);
   for (int64_t s = lane; s < splits; s += 32)
-    if (part_sum[s * n + i] > acc_t(0)) sum += part_sum[s * n + i] * acc_exp(part_max[s * n + i] - row_max);
+    if (part_sum[s * n + i] != acc_t(0)) sum += part_sum[s * n + i] * acc_exp(part_max[s * n + i] - row_max);
   sum = warp_sum(sum) + acc_exp(own - row_max);
   const acc_t row_lse = row_max + acc_log(sum);
   if (lane == 0) {
@@ -740,7 +742,7 @@ forward_rows_kernel(Rows<scalar_t> query, Rows<scalar_t> key, const acc_t* targe
     if (lane == 0) weights[i] = acc_exp(own - row_max) * inv_sum;
     for (int64_t s = lane; s < splits; s += 32) {
       weights[(s + 1) * n + i] =
-          part_sum[s * n + i] > acc_t(0) ? acc_exp(part_max[s * n + i] - row_max) * inv_sum : acc_t(0);
+          part_sum[s * n + i] != acc_t(0) ? acc_exp(part_max[s * n + i] - row_max) * inv_sum : acc_t(0);
     }
   }
 }

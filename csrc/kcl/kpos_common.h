@@ -16,6 +16,13 @@
 
 namespace kcl {
 
+// max(a, b) that keeps a NaN of either argument (std::max and fmaxf drop it): the online
+// log-sum-exp must carry a NaN logit to the loss (docs/kpos_loss.md, "Non-finite inputs").
+template <typename T>
+KCL_HOST_DEVICE T max_keep_nan(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
 // lowbias32 (C. Wellons): a bijection on 32-bit words with good avalanche.
 KCL_HOST_DEVICE uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
