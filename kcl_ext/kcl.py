@@ -208,13 +208,11 @@ class KCL(nn.Module):
             if self.training:
                 self.momentum_update()
             keys = self.encode_keys(view_k, shuffle_generator)
-        bank_keys, bank_labels = self.bank.keys, self.bank.labels
-        if self.training and torch.is_grad_enabled():
-            # The enqueue below writes into the bank in place; the loss's backward must see the
-            # bank it was computed with (MoCo clones its queue for the same reason).
-            bank_keys, bank_labels = bank_keys.clone(), bank_labels.clone()
+        # The enqueue below writes into the bank in place before the caller's backward: only the
+        # query needs a gradient here (keys and bank carry none), and then the loss's backward
+        # keeps per-row state only, so the bank needs no copy (MoCo clones its queue instead).
         with torch.autocast(query.device.type, enabled=False):
-            loss = kpos_loss(query, keys, bank_keys, labels, bank_labels, k=self.k,
+            loss = kpos_loss(query, keys, self.bank.keys, labels, self.bank.labels, k=self.k,
                              temperature=self.temperature, seed=seed, backend=self.backend)
         if self.training:
             self.bank.enqueue(keys, labels)
