@@ -34,6 +34,34 @@ if DEVICE == "cpu" and not launch.INTERPRETED:
 
 
 # ----------------------------------------------------------------------------------------------
+# The package: kernels, launchers and ops apart; the compile check is a developer tool
+# ----------------------------------------------------------------------------------------------
+def test_kernels_launchers_and_ops_live_in_their_own_modules():
+    import importlib.util
+    import inspect
+
+    from kcl_ext.triton import kernels
+
+    def defined_in(module):
+        return {name: value for name, value in vars(module).items()
+                if getattr(value, "__module__", None) == module.__name__
+                or getattr(getattr(value, "fn", None), "__module__", None) == module.__name__}
+
+    jit_kernels = {name for name, value in defined_in(kernels).items() if hasattr(value, "fn")}
+    assert {"_select_kernel", "_forward_kernel", "_backward_dqueue_kernel"} <= jit_kernels
+    plain = [name for name, value in defined_in(kernels).items()
+             if name not in jit_kernels and (inspect.isfunction(value) or inspect.isclass(value))]
+    assert plain == [], f"kernels.py should hold @triton.jit kernels only, it defines {plain}"
+    for module in (launch, triton_ops):
+        jitted = [name for name, value in defined_in(module).items() if hasattr(value, "fn")]
+        assert jitted == [], f"{module.__name__} defines @triton.jit kernels {jitted}"
+    assert {"LaunchConfig", "_launch", "_forward", "_backward"} <= set(defined_in(launch))
+    assert {"kpos_loss_triton", "seed_tensor", "_kpos_forward_impl"} <= set(defined_in(triton_ops))
+    assert importlib.util.find_spec("kcl_ext.triton.compile_check") is None
+    assert Path(compile_check.__file__).resolve().parent == TOOLS
+
+
+# ----------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("row_blocks,num_tiles,target", [(4, 512, 264), (1, 3, 8), (2, 3, 8),
