@@ -103,7 +103,7 @@ $(OLDEST)/.installed: $(OLDEST_STAMP) $(SOURCES) $(shell find kcl_ext -name '*.p
 test-oldest: $(OLDEST)/.installed
 	cd $(OLDEST) && ../$(OLDEST_PY) -m pytest -q -p no:cacheprovider ../tests/test_contract.py \
 		../tests/test_cpu.py ../tests/test_triton.py
-	cd $(OLDEST) && ../$(OLDEST_PY) -m kcl_ext.triton.compile_check --arch 90a --check-spills
+	cd $(OLDEST) && ../$(OLDEST_PY) ../tools/triton_compile_check.py --arch 90a --check-spills
 # --- end oldest stack -------------------------------------------------------------------------
 
 # The Fashion-MNIST IDX files in $(FMNIST_DIR), checked (sizes and MD5 of their content): copied

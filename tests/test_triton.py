@@ -7,6 +7,8 @@ TRITON_INTERPRET=1 before anything imports triton).
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,14 +18,47 @@ pytest.importorskip("triton")
 
 import kcl_ext  # noqa: E402
 from kcl_ext import _backend_choice, ops, reference  # noqa: E402
-from kcl_ext.triton import compile_check, kernels  # noqa: E402
+from kcl_ext.triton import launch  # noqa: E402
+from kcl_ext.triton import ops as triton_ops  # noqa: E402
 from _backends import (Ops, assert_close, grad_weights, loss_and_grads, make_inputs,  # noqa: E402
                        reference_float64)
 
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+sys.path.insert(0, str(TOOLS))
+import triton_compile_check as compile_check  # noqa: E402  (a developer tool, beside the tests)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not kernels.INTERPRETED:
+if DEVICE == "cpu" and not launch.INTERPRETED:
     raise RuntimeError("no GPU and TRITON_INTERPRET is not 1: tests/conftest.py sets it; run the "
                        "tests through pytest from the repository root")
+
+
+# ----------------------------------------------------------------------------------------------
+# The package: kernels, launchers and ops apart; the compile check is a developer tool
+# ----------------------------------------------------------------------------------------------
+def test_kernels_launchers_and_ops_live_in_their_own_modules():
+    import importlib.util
+    import inspect
+
+    from kcl_ext.triton import kernels
+
+    def defined_in(module):
+        return {name: value for name, value in vars(module).items()
+                if getattr(value, "__module__", None) == module.__name__
+                or getattr(getattr(value, "fn", None), "__module__", None) == module.__name__}
+
+    jit_kernels = {name for name, value in defined_in(kernels).items() if hasattr(value, "fn")}
+    assert {"_select_kernel", "_forward_kernel", "_backward_dqueue_kernel"} <= jit_kernels
+    plain = [name for name, value in defined_in(kernels).items()
+             if name not in jit_kernels and (inspect.isfunction(value) or inspect.isclass(value))]
+    assert plain == [], f"kernels.py should hold @triton.jit kernels only, it defines {plain}"
+    for module in (launch, triton_ops):
+        jitted = [name for name, value in defined_in(module).items() if hasattr(value, "fn")]
+        assert jitted == [], f"{module.__name__} defines @triton.jit kernels {jitted}"
+    assert {"LaunchConfig", "_launch", "_forward", "_backward"} <= set(defined_in(launch))
+    assert {"kpos_loss_triton", "seed_tensor", "_kpos_forward_impl"} <= set(defined_in(triton_ops))
+    assert importlib.util.find_spec("kcl_ext.triton.compile_check") is None
+    assert Path(compile_check.__file__).resolve().parent == TOOLS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -32,7 +67,7 @@ if DEVICE == "cpu" and not kernels.INTERPRETED:
 @pytest.mark.parametrize("row_blocks,num_tiles,target", [(4, 512, 264), (1, 3, 8), (2, 3, 8),
                                                          (100, 512, 264), (3, 1, 8)])
 def test_queue_splits_cover_every_tile_once(row_blocks, num_tiles, target):
-    splits, per_split = kernels._queue_splits(row_blocks, num_tiles, target)
+    splits, per_split = launch._queue_splits(row_blocks, num_tiles, target)
     covered = [t for s in range(splits) for t in range(s * per_split,
                                                        min((s + 1) * per_split, num_tiles))]
     assert covered == list(range(num_tiles))           # each tile in exactly one split, in order
@@ -41,14 +76,14 @@ def test_queue_splits_cover_every_tile_once(row_blocks, num_tiles, target):
 
 
 def test_no_queue_means_no_split():
-    assert kernels._queue_splits(4, 0, 264) == (0, 0)
+    assert launch._queue_splits(4, 0, 264) == (0, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
                          ids=str)
 @pytest.mark.parametrize("dim", compile_check.DIMS)
 def test_gpu_launch_configuration(dtype, dim):
-    cfg = kernels.LaunchConfig.for_gpu(dtype, dim, multi_processor_count=132)
+    cfg = launch.LaunchConfig.for_gpu(dtype, dim, multi_processor_count=132)
     assert cfg.block_d >= dim and cfg.block_d & (cfg.block_d - 1) == 0      # D whole, padded
     for block in (cfg.block_m, cfg.block_n, cfg.dqueue_block_m, cfg.dqueue_block_n):
         assert block >= 16 and block & (block - 1) == 0                     # tl.dot's minimum
@@ -56,15 +91,15 @@ def test_gpu_launch_configuration(dtype, dim):
     assert cfg.dot_precision == "ieee"
     assert cfg.target_programs == 264
     # N = 256 with the forward's query blocks: the queue splits fill two waves of the GPU.
-    splits, _ = kernels._queue_splits(256 // cfg.block_m, 65536 // cfg.block_n, 264)
+    splits, _ = launch._queue_splits(256 // cfg.block_m, 65536 // cfg.block_n, 264)
     assert 256 // cfg.block_m * splits >= 132
 
 
 def test_tile_offsets_that_overflow_int32_get_a_contiguous_copy():
     small = torch.empty_strided((3, 4), (4, 1), device="meta")
-    assert kernels._tileable(small, 64, 128) is small
+    assert launch._tileable(small, 64, 128) is small
     huge = torch.empty_strided((3, 4), (2**26, 1), device="meta")    # 64 rows x 2^26 > 2^31
-    copied = kernels._tileable(huge, 64, 128)
+    copied = launch._tileable(huge, 64, 128)
     assert copied.is_contiguous() and copied.shape == huge.shape
 
 
@@ -73,14 +108,14 @@ def test_both_loop_forms_give_the_same_bits(monkeypatch):
     """The hot loops run as `for` loops where runtime loop bounds work (compiled kernels, and
     interpreters that can take them) and as `while` loops in Triton 3.6's interpreter; the two
     forms compute the same thing."""
-    if not kernels._for_loops_work():
+    if not launch._for_loops_work():
         pytest.skip("this interpreter cannot run `for` loops with runtime bounds (Triton 3.6 with "
                     "numpy >= 2.4): only the `while` form runs here, under the contract tests")
     x = make_inputs(21, 70, 24, seed=3)
     weights = grad_weights(21, torch.float32, "cpu")
     results = []
     for for_loops in (False, True):
-        monkeypatch.setattr(kernels, "_for_loops_work", lambda value=for_loops: value)
+        monkeypatch.setattr(launch, "_for_loops_work", lambda value=for_loops: value)
         results.append(loss_and_grads(Ops("triton").loss, x, weights, k=3, seed=2,
                                       reduction="none"))
     (loss_while, grads_while), (loss_for, grads_for) = results
@@ -94,7 +129,7 @@ def test_class_sums_longer_than_one_piece():
     query rows (two pieces of the batch's class sums in the backward)."""
     n, q, d = 70, 200, 8
     x = make_inputs(n, q, d, classes=2, empty_fraction=0.1, seed=21, device=DEVICE)
-    cfg = kernels.LaunchConfig(x[0].device, torch.float32, d)
+    cfg = launch.LaunchConfig(x[0].device, torch.float32, d)
     assert q / 2 > 2 * cfg.piece or DEVICE == "cuda"
     ops_ = Ops("triton")
     state = ops_.forward(*(t.detach() for t in x), -1, 0.1, 0)
@@ -133,7 +168,7 @@ def test_seed_tensor_is_filled_on_the_device_without_a_copy(device, seed):
     CUDA-graph capture); the seed is filled on the device instead."""
     like = torch.empty(2, 3, device=device)
     with RecordOps() as recorded:
-        tensor = kernels.seed_tensor(seed, like)
+        tensor = triton_ops.seed_tensor(seed, like)
     assert not [op for op in recorded.ops if op.split(".")[-1] in COPIES], recorded.ops
     assert tensor.dtype == torch.int64 and tensor.shape == (1,) and tensor.device == like.device
     if device == "cpu":
@@ -145,7 +180,7 @@ def test_drawn_seed_is_the_reference_draw_without_a_copy(device):
     like = torch.empty(2, 3, device=device)
     torch.manual_seed(123)
     with RecordOps() as recorded:
-        tensor = kernels._draw_seed_impl(like)     # the body of the opaque kcl::triton_seed
+        tensor = triton_ops._draw_seed_impl(like)     # the body of the opaque kcl::triton_seed
     assert not [op for op in recorded.ops if op.split(".")[-1] in COPIES], recorded.ops
     torch.manual_seed(123)
     expected = reference.draw_seed()
@@ -153,7 +188,7 @@ def test_drawn_seed_is_the_reference_draw_without_a_copy(device):
     if device == "cpu":
         assert int(tensor) == expected
         torch.manual_seed(123)
-        assert int(kernels.seed_tensor(None, like)) == expected   # through the op
+        assert int(triton_ops.seed_tensor(None, like)) == expected   # through the op
 
 
 def test_raw_forward_rejects_a_bad_seed_tensor():
@@ -190,7 +225,6 @@ def test_compile_check_writes_between_the_markers(tmp_path):
 
 
 def test_triton_doc_has_the_table_markers():
-    from pathlib import Path
     text = (Path(__file__).resolve().parent.parent / "docs" / "triton.md").read_text()
     assert compile_check.BEGIN in text and compile_check.END in text
 
@@ -200,7 +234,7 @@ def test_kpos_loss_triton_applies_autocast_first():
     x = make_inputs(6, 20, 8, device=DEVICE, seed=4, requires_grad=(False, False, False))
     half = (x[0].bfloat16(), x[1].bfloat16(), x[2], x[3], x[4])
     with torch.autocast(device_type=DEVICE, dtype=torch.bfloat16):
-        loss = kernels.kpos_loss_triton(*half, k=2, seed=1)
+        loss = triton_ops.kpos_loss_triton(*half, k=2, seed=1)
     want = kcl_ext.kpos_loss_reference(half[0].float(), half[1].float(), *half[2:], k=2, seed=1)
     assert loss.dtype == torch.float32
     assert_close(loss, want, "triton", torch.float32, "kpos_loss_triton under autocast")
@@ -210,17 +244,16 @@ def test_kpos_loss_triton_applies_autocast_first():
 # What a GPU would get wrong and the interpreter hides: checked on compiled code and by mocks
 # ----------------------------------------------------------------------------------------------
 def run_compile_check(*args: str):
-    """python -m kcl_ext.triton.compile_check in a process of its own: it compiles for sm_90a,
-    which this process, with TRITON_INTERPRET=1, cannot do."""
+    """tools/triton_compile_check.py in a process of its own: it compiles for sm_90a, which this
+    process, with TRITON_INTERPRET=1, cannot do."""
     import os
     import subprocess
-    import sys
-    from pathlib import Path
 
     # Run from the folder that holds the kcl_ext this process imported (the source tree, or
-    # site-packages for an installed wheel), so that the child imports the same build.
+    # site-packages for an installed wheel): the tool imports kcl_ext from its current directory
+    # first, so the child imports the same build.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "kcl_ext.triton.compile_check", *args],
+    return subprocess.run([sys.executable, str(TOOLS / "triton_compile_check.py"), *args],
                           cwd=Path(kcl_ext.__file__).resolve().parent.parent, env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -308,19 +341,19 @@ def test_launches_run_under_the_inputs_device(monkeypatch):
         def __exit__(self, *exc):
             entered.pop()
 
-    kernels._for_loops_work()      # the interpreter's loop probe runs a kernel: not in fake mode
+    launch._for_loops_work()      # the interpreter's loop probe runs a kernel: not in fake mode
     launches = []
     monkeypatch.setattr(torch.cuda, "device", RecordingGuard)
-    monkeypatch.setattr(kernels, "_launch", lambda fn, grid, *args, **kwargs: launches.append(
+    monkeypatch.setattr(launch, "_launch", lambda fn, grid, *args, **kwargs: launches.append(
         (fn.__name__, entered[-1] if entered else None)))
     with FakeTensorMode():
         device = torch.device("cuda:1")
         x = [t.to(device) for t in make_inputs(20, 40, 8, requires_grad=(False,) * 3)]
         seed = torch.full((1,), 3, dtype=torch.int64, device=device)
         for k in (3, -1):
-            state = kernels._kpos_forward_impl(*x, seed, k, 0.1, True)
+            state = triton_ops._kpos_forward_impl(*x, seed, k, 0.1, True)
             grad_rows = torch.ones(20, device=device)
-            kernels._kpos_backward_impl(grad_rows, *x, *state[1:], k, 0.1, [True, True, True])
+            triton_ops._kpos_backward_impl(grad_rows, *x, *state[1:], k, 0.1, [True, True, True])
     names = {name for name, _ in launches}
     assert {"_select_kernel", "_forward_kernel", "_forward_merge_kernel",
             "_backward_rows_kernel", "_backward_dqueue_kernel"} <= names, names
@@ -335,13 +368,13 @@ def test_float16_queue_gradient_keeps_its_bits_when_tiny(monkeypatch):
     the exact (float64) result to float16, relative to the largest element."""
     if DEVICE == "cpu":
         # Queue tiles of 2048 rows: 64 of them instead of 4096, for the interpreter's sake.
-        set_interpreter = kernels.LaunchConfig._set_interpreter
+        set_interpreter = launch.LaunchConfig._set_interpreter
 
         def large_tiles(cfg, dtype, dim):
             set_interpreter(cfg, dtype, dim)
             cfg.block_n = cfg.dqueue_block_n = 2048
 
-        monkeypatch.setattr(kernels.LaunchConfig, "_set_interpreter", large_tiles)
+        monkeypatch.setattr(launch.LaunchConfig, "_set_interpreter", large_tiles)
     n, q, d = 16, 131072, 16
     x = make_inputs(n, q, d, dtype=torch.float16, seed=11, device=DEVICE,
                     requires_grad=(False, False, True))

@@ -18,7 +18,7 @@ pytestmark = [
 if torch.cuda.is_available():
     pytest.importorskip("triton")
     import kcl_ext
-    from kcl_ext.triton import kernels
+    from kcl_ext.triton import launch, seed_tensor
     from _backends import assert_close
 
 
@@ -79,7 +79,7 @@ def test_long_segments_select_as_cpp_backend(k):
     # k = 200 takes the bisection path, k = -1 sums each class in two pieces of 1024 rows.
     inputs = make_inputs(70, 5000, 32, torch.float32, classes=2)
     detached = [t.detach() for t in inputs]
-    got = torch.ops.kcl.kpos_forward_triton(*detached, kernels.seed_tensor(123456789, inputs[0]),
+    got = torch.ops.kcl.kpos_forward_triton(*detached, seed_tensor(123456789, inputs[0]),
                                             k, 0.1, True)
     want = torch.ops.kcl.kpos_forward(*[t.cpu() for t in detached], k, 0.1, 123456789, True)
     assert torch.equal(got[2].cpu(), want[2])                 # positives
@@ -115,8 +115,8 @@ def test_extra_memory_does_not_grow_with_n_times_q():
 
 
 def test_queue_splits_fill_the_gpu():
-    cfg = kernels.LaunchConfig(torch.device("cuda"), torch.bfloat16, 128)
-    splits, _ = kernels._queue_splits(256 // cfg.block_m, 65536 // cfg.block_n,
+    cfg = launch.LaunchConfig(torch.device("cuda"), torch.bfloat16, 128)
+    splits, _ = launch._queue_splits(256 // cfg.block_m, 65536 // cfg.block_n,
                                       cfg.target_programs)
     assert 256 // cfg.block_m * splits >= torch.cuda.get_device_properties(0).multi_processor_count
 

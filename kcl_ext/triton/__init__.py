@@ -1,8 +1,11 @@
 """Fused Triton kernels of kpos_loss (forward and backward), registered as kcl::*_triton ops.
 
-Importing this module needs Triton. Kernels run on CUDA tensors, or on CPU tensors when
+kernels.py holds the @triton.jit kernels, launch.py their launch configuration and host
+launchers, ops.py the argument checks, the op registration, the seed and kpos_loss_triton.
+Importing this package needs Triton. Kernels run on CUDA tensors, or on CPU tensors when
 TRITON_INTERPRET=1 is set before the import (Triton's interpreter; slow, for tests).
 """
-from .kernels import INTERPRETED, kpos_loss_triton, seed_tensor
+from .launch import INTERPRETED
+from .ops import kpos_loss_triton, seed_tensor
 
 __all__ = ["INTERPRETED", "kpos_loss_triton", "seed_tensor"]
