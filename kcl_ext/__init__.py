@@ -1,5 +1,5 @@
 """kcl_ext: fused k-positive contrastive loss (KCL) for PyTorch."""
-from ._backend_choice import resolve_backend, time_backends
+from ._backend_choice import resolve_backend
 from .kcl import KCL
 from .memory_bank import MemoryBank
 from .ops import BACKENDS, KPositiveContrastiveLoss, kpos_loss, sample_positives
@@ -17,5 +17,4 @@ __all__ = [
     "resolve_backend",
     "sample_positives",
     "sample_positives_reference",
-    "time_backends",
 ]

@@ -1,11 +1,8 @@
 """backend="auto" (kcl_ext/_backend_choice.py): decided from the device, the installation and
 KCL_EXT_BACKEND alone, never by timing, so every run and every rank picks the same backend and
-a CUDA-graph capture or a torch.compile trace meets no synchronisation; and the opt-in
-`time_backends`, which times under the inputs' device. CUDA devices are exercised on the CPU with
-stand-ins; tests/test_cuda.py runs "auto" on a GPU."""
+a CUDA-graph capture or a torch.compile trace meets no synchronisation. CUDA devices are
+exercised on the CPU with stand-ins; tests/test_cuda.py runs "auto" on a GPU."""
 from __future__ import annotations
-
-import contextlib
 
 import pytest
 import torch
@@ -104,77 +101,3 @@ def test_cpu_inputs_keep_the_cpu_kernel(monkeypatch):
 def test_bad_backend_names_the_argument(backend, device, message):
     with pytest.raises(ValueError, match=message):
         kcl_ext.resolve_backend(device, backend)
-
-
-# ----------------------------------------------------------------------------------------------
-# time_backends: the explicit opt-in
-# ----------------------------------------------------------------------------------------------
-def test_time_backends_on_cpu_times_each_and_sorts():
-    x = inputs(16, 64, 8)
-    before = x[0].grad
-    times = kcl_ext.time_backends(*x, k=2, backends=("cpu", "reference"), repeats=2)
-    assert set(times) == {"cpu", "reference"}
-    assert all(t > 0 for t in times.values())
-    assert list(times.values()) == sorted(times.values())
-    assert x[0].grad is before  # the caller's leaves get no gradient
-
-
-def test_time_backends_leaves_out_a_failing_backend_with_a_warning():
-    with pytest.warns(RuntimeWarning, match="backend='cuda' failed on these inputs "
-                                            r"\(ValueError: kpos_loss: backend='cuda' needs"):
-        times = kcl_ext.time_backends(*inputs(), k=2, backends=("cuda", "cpu"), repeats=1)
-    assert list(times) == ["cpu"]
-    with pytest.raises(RuntimeError, match="no backend ran these inputs"):
-        kcl_ext.time_backends(*inputs(), k=2, backends=("cuda",), repeats=1)
-    with pytest.raises(ValueError, match="repeats must be a positive int, got 0"):
-        kcl_ext.time_backends(*inputs(), backends=("cpu",), repeats=0)
-
-
-class _StandInCudaTensor:
-    """Just enough of a tensor on cuda:1 for time_backends' bookkeeping."""
-    device = torch.device("cuda", 1)
-    requires_grad = False
-
-    def detach(self):
-        return self
-
-    def requires_grad_(self, flag):
-        return self
-
-
-def test_time_backends_times_under_the_inputs_device(monkeypatch):
-    """Triton and CUDA events work on the *current* device: the timing must run inside
-    torch.cuda.device(inputs' device), not on whatever device the caller left current."""
-    log = []
-
-    @contextlib.contextmanager
-    def device_guard(device):
-        log.append(("enter", torch.device(device)))
-        yield
-        log.append(("exit", torch.device(device)))
-
-    class Event:
-        def __init__(self, enable_timing=False):
-            assert enable_timing
-
-        def record(self):
-            log.append("record")
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, other):
-            return 1.5
-
-    def run(*args, backend, **kwargs):
-        log.append(("run", backend))
-        return torch.zeros(())
-
-    monkeypatch.setattr(torch.cuda, "device", device_guard)
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(ops, "kpos_loss", run)
-    x = _StandInCudaTensor()
-    times = kcl_ext.time_backends(x, x, x, None, None, backends=("triton",), repeats=2)
-    assert times == {"triton": 1.5}
-    assert log[0] == ("enter", torch.device("cuda", 1)) and log[-1] == ("exit", torch.device("cuda", 1))
-    assert log.count(("run", "triton")) == 3 and log.count("record") == 4  # warm-up + 2 timed

@@ -324,10 +324,12 @@ def test_render_writes_table_ratios_and_plots(tmp_path):
     assert (tmp_path / "docs" / "benchmark_results.md").read_text() == full
 
 
-def test_readme_throughput_rows_are_the_committed_table():
-    """The README's CPU throughput table and its R_kcl / R_ce are the rows of throughput.csv."""
+def test_documented_throughput_rows_are_the_committed_table():
+    """docs/training.md's CPU throughput table and its R_kcl / R_ce are the rows of
+    throughput.csv."""
     rows = throughput_table.read()
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs",
+                               "training.md")).read()
     for variant, cells in (("data_workers0", "(none) | Fashion-MNIST-LT | 0"),
                            ("synthetic_workers0", "`--synthetic` | synthetic 28 px, 1 channel | 0"),
                            ("synthetic_workers1", "`--synthetic --num-workers 1` | synthetic 28 "
