@@ -6,7 +6,7 @@ Each `references/kcl/throughput.py --json RUN.json` result becomes one row, name
 `.json`); a row of the same name is replaced, the others are kept. The numbers are copied as the
 JSON holds them: the summary (images/s, data-wait fraction and medians), the configuration, the
 provenance (commit, versions, device, the command) and the per-step times as space-separated
-lists. The README's "Stage-1 throughput on the CPU" table and its hour estimate are read from
+lists. docs/training.md's "Stage-1 throughput on the CPU" table and its hour estimate are read from
 these rows.
 """
 from __future__ import annotations
