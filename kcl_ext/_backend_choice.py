@@ -43,9 +43,14 @@ def available_backends() -> list[str]:
     return [b for b in PREFERENCE if found[b]]
 
 
-def _resolve(backend: str, device: torch.device, caller: str) -> str:
+def check_name(backend, caller: str) -> str:
     if backend not in CHOICES:
         raise ValueError(f"{caller}: backend must be one of {CHOICES}, got {backend!r}")
+    return backend
+
+
+def _resolve(backend: str, device: torch.device, caller: str) -> str:
+    check_name(backend, caller)
     if backend != "auto":
         if backend in ("cpu", "cuda") and device.type != backend:
             raise ValueError(f"{caller}: backend={backend!r} needs inputs on a {backend} device, "

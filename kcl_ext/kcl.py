@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _backend_choice, _validation
 from . import distributed as kdist
 from .memory_bank import MemoryBank
 from .ops import kpos_loss
@@ -115,7 +116,8 @@ class KCL(nn.Module):
             gradients and follows it by `key <- m * key + (1 - m) * query` after every step.
         dim: the feature dimension of `encoder`.
         k: positives drawn from the bank per query (0: MoCo, -1: every same-class entry, FCL).
-        temperature: softmax temperature.
+        temperature: softmax temperature: a positive float, or a 0-d tensor (a
+            `torch.nn.Parameter` is learned with the encoder).
         queue_size: bank entries (keys with their labels, first in first out).
         momentum: m of the key encoder's update, in [0, 1].
         shuffle_bn: permute the key batch over the BN groups (processes, and split-BN groups
@@ -129,7 +131,8 @@ class KCL(nn.Module):
     loss against the bank, and then the keys enqueued (so that a batch is never its own bank).
     """
 
-    def __init__(self, encoder: nn.Module, dim: int, *, k: int = 6, temperature: float = 0.07,
+    def __init__(self, encoder: nn.Module, dim: int, *, k: int = 6,
+                 temperature: float | torch.Tensor = 0.07,
                  queue_size: int = 65536, momentum: float = 0.999, shuffle_bn: bool = True,
                  bn_splits: int = 1, backend: str = "auto"):
         super().__init__()
@@ -137,10 +140,10 @@ class KCL(nn.Module):
             raise TypeError(f"KCL: encoder must be an nn.Module, got {type(encoder).__name__}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"KCL: momentum must be in [0, 1], got {momentum}")
-        if k < -1:
-            raise ValueError(f"KCL: k must be >= -1 (0: MoCo, -1: all positives), got {k}")
-        if temperature <= 0:
-            raise ValueError(f"KCL: temperature must be > 0, got {temperature}")
+        # The loss's own checks, so that a bad value fails here with kpos_loss's message.
+        k = _validation.check_k(k, "KCL")
+        temperature = _validation.check_temperature(temperature, "KCL", allow_tensor=True)
+        _backend_choice.check_name(backend, "KCL")
         if bn_splits < 1:
             raise ValueError(f"KCL: bn_splits must be >= 1, got {bn_splits}")
         if bn_splits > 1:

@@ -131,6 +131,5 @@ class MemoryBank(nn.Module):
         self.total_enqueued.add_(n)
 
     def extra_repr(self) -> str:
-        filled = min(int(self.total_enqueued), self.size)
-        return (f"size={self.size}, dim={self.dim}, filled={filled}, dtype={self.keys.dtype}, "
+        return (f"size={self.size}, dim={self.dim}, filled={len(self)}, dtype={self.keys.dtype}, "
                 f"device={self.keys.device}")

@@ -207,9 +207,7 @@ class KPositiveContrastiveLoss(torch.nn.Module):
         self.temperature = _validation.check_temperature(temperature, "KPositiveContrastiveLoss",
                                                          allow_tensor=True)
         self.reduction = _validation.check_reduction(reduction, "KPositiveContrastiveLoss")
-        if backend not in BACKENDS:
-            raise ValueError(f"KPositiveContrastiveLoss: backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend = backend
+        self.backend = _backend_choice.check_name(backend, "KPositiveContrastiveLoss")
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
                 query_labels: torch.Tensor, queue_labels: torch.Tensor,

@@ -100,11 +100,27 @@ def test_bad_arguments_name_what_was_expected():
         KCL(user_encoder(), dim=8, k=-2)
     with pytest.raises(TypeError, match="KCL: encoder must be an nn.Module"):
         KCL(lambda x: x, dim=8)
+    with pytest.raises(ValueError, match="KCL: temperature must be a positive finite float, got 0.0"):
+        KCL(user_encoder(), dim=8, temperature=0.0)
+    with pytest.raises(ValueError, match="KCL: backend must be one of .*got 'tpu'"):
+        KCL(user_encoder(), dim=8, backend="tpu")
     model = KCL(user_encoder(), dim=8, queue_size=16)
     view_q, view_k, labels = views(0)
     with pytest.raises(ValueError, match=r"labels must be \[N\] with N = view_q.size\(0\) = 8, "
                                          r"got \[7\]"):
         model(view_q, view_k, labels[:7])
+
+
+def test_a_learnable_temperature_is_a_parameter_of_the_module_and_gets_a_gradient():
+    torch.manual_seed(2)
+    model = KCL(user_encoder(), dim=8, k=2, temperature=nn.Parameter(torch.tensor(0.2)),
+                queue_size=16)
+    assert any(p is model.temperature for p in model.parameters())
+    model(*views(0))  # fills part of the bank
+    loss = model(*views(1), seed=0)
+    loss.backward()
+    assert model.temperature.grad is not None and torch.isfinite(model.temperature.grad)
+    assert model.temperature.grad.abs() > 0
 
 
 def test_the_package_is_the_loss_and_what_it_needs_at_run_time():
