@@ -103,3 +103,17 @@ def query_grad_wanted(query: torch.Tensor) -> bool:
     """Whether the query will get a gradient from this call: then the forward accumulates what the
     query's gradient needs (kpos_forward's `query_grad`)."""
     return torch.is_grad_enabled() and query.requires_grad
+
+
+def fold_temperature(query: torch.Tensor, temperature) -> tuple[torch.Tensor, float]:
+    """(query, float temperature) for the kernels. A tensor temperature is folded into the query:
+    loss(q, tau) = loss(q / tau, 1), so the kernels run at tau = 1 on the scaled query and
+    autograd of the division gives d loss / d tau = -sum_i g_i q_i . (m_i - t_i) / tau^2 from
+    the query's per-row gradient (docs/kpos_loss.md, "A learnable temperature"). A tau that is
+    not positive and finite becomes NaN on the device (checked without a host synchronisation),
+    so the loss is NaN. The division is rounded to query's dtype."""
+    if not isinstance(temperature, torch.Tensor):
+        return query, float(temperature)
+    usable = torch.isfinite(temperature) & (temperature > 0)
+    tau = torch.where(usable, temperature, torch.full_like(temperature, float("nan")))
+    return (query / tau).to(query.dtype), 1.0

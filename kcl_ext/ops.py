@@ -126,12 +126,7 @@ def kpos_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
     query, key, queue = _amp.autocast_features(query, key, queue)
     _validation.check_all(query, key, queue, query_labels, queue_labels, k, temperature, reduction,
                           seed)
-    if isinstance(temperature, torch.Tensor):
-        # loss(q, tau) = loss(q / tau, 1): the kernels run at tau = 1 on the scaled query and
-        # autograd of the division gives d loss / d tau = -sum_i g_i q_i . (m_i - t_i) / tau^2
-        # from the query's per-row gradient (docs/kpos_loss.md, "A learnable temperature").
-        query, temperature = scale_by_temperature(query, temperature), 1.0
-    temperature = float(temperature)
+    query, temperature = _autograd.fold_temperature(query, temperature)
     chosen = _resolve_backend(backend, query.device)
     if chosen == "reference":
         return kpos_loss_reference(query, key, queue, query_labels, queue_labels, k=k,
@@ -142,14 +137,6 @@ def kpos_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
                                 temperature=temperature, reduction=reduction, seed=seed)
     return torch.ops.kcl.kpos_loss(query, key, queue, query_labels, queue_labels, k, temperature,
                                    reduction, seed)
-
-
-def scale_by_temperature(query: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """query / temperature in query's dtype; NaN where the temperature is not positive and finite
-    (a check without a host synchronisation)."""
-    usable = torch.isfinite(temperature) & (temperature > 0)
-    tau = torch.where(usable, temperature, torch.full_like(temperature, float("nan")))
-    return (query / tau).to(query.dtype)
 
 
 def sample_positives(query_labels: torch.Tensor, queue_labels: torch.Tensor, k: int,

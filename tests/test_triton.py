@@ -389,3 +389,17 @@ def test_float16_queue_gradient_keeps_its_bits_when_tiny(monkeypatch):
 
     rounding = relative_error(exact.half().double())
     assert 0 < rounding and relative_error(got) <= 2 * rounding, (relative_error(got), rounding)
+
+
+def test_kpos_loss_triton_takes_a_learnable_temperature_like_kcl_ext_kpos_loss():
+    """A direct call with a tensor temperature folds it into the query as kcl_ext.kpos_loss does:
+    the same loss as the float form, and the temperature gets its gradient."""
+    x = make_inputs(6, 20, 8, device=DEVICE, seed=5, requires_grad=(True, False, False))
+    tau = torch.tensor(0.2, requires_grad=True)
+    loss = triton_ops.kpos_loss_triton(*x, k=2, temperature=tau, seed=1)
+    want = kcl_ext.kpos_loss_reference(*x, k=2, temperature=0.2, seed=1)
+    assert_close(loss, want, "triton", torch.float32, "kpos_loss_triton with a tensor temperature")
+    loss.backward()
+    tau_want = torch.tensor(0.2, requires_grad=True)
+    kcl_ext.kpos_loss(*x, k=2, temperature=tau_want, seed=1, backend="reference").backward()
+    assert_close(tau.grad, tau_want.grad, "triton", torch.float32, "d loss / d temperature")

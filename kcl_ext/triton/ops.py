@@ -186,16 +186,17 @@ def seed_tensor(seed: Optional[int], like: torch.Tensor) -> torch.Tensor:
 
 def kpos_loss_triton(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
                      query_labels: torch.Tensor, queue_labels: torch.Tensor, *, k: int = 6,
-                     temperature: float = 0.07, reduction: str = "mean",
+                     temperature: "float | torch.Tensor" = 0.07, reduction: str = "mean",
                      seed: Optional[int] = None) -> torch.Tensor:
     """kcl_ext.kpos_loss on the Triton kernels (see kcl_ext.kpos_loss for the arguments)."""
     query, key, queue = _amp.autocast_features(query, key, queue)
     _validation.check_all(query, key, queue, query_labels, queue_labels, k, temperature, reduction,
                           seed)
     _check_device(query, "kpos_loss")
+    query, temperature = _autograd.fold_temperature(query, temperature)
     loss_rows = torch.ops.kcl.kpos_forward_triton(
         query, key, queue, query_labels, queue_labels, seed_tensor(seed, query), k,
-        float(temperature), _autograd.query_grad_wanted(query))[0]
+        temperature, _autograd.query_grad_wanted(query))[0]
     if reduction == "sum":
         loss_rows = loss_rows.sum()
     elif reduction == "mean":
