@@ -1,7 +1,7 @@
 """The data sets of the recipe and the published figures of their splits, in one place.
 
 To add a data set: a `data.kind` (config.DATA_KINDS) and its branch in `build_data`; for a
-published long-tailed split list, its figures in PUBLISHED (the start-up check and `check-data`
+published long-tailed split list, its figures in PUBLISHED (the start-up check and `check_data.py`
 compare lists with them). The Fashion-MNIST files, where to find and download them: FASHION_MNIST.
 """
 from __future__ import annotations
