@@ -1,5 +1,5 @@
-"""The paired study (experiments/fmnist_lt_study/study.py): orderings, the checks of a study file, the
-analysis on hand-made cells, and a tiny study end to end on generated images whose numbers
+"""The paired study (experiments/fmnist_lt_study/study.py): orderings, the checks of a study
+file, the analysis on hand-made cells, and a tiny study end to end on generated images whose numbers
 do not depend on the number of worker processes."""
 import json
 

@@ -652,7 +652,8 @@ def plot_cells(result: dict, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="study.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="the study file (experiments/fmnist_lt_study/study.yaml)")
+    p.add_argument("--config", required=True,
+                   help="the study file (experiments/fmnist_lt_study/study.yaml)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the study in a non-empty --out")

@@ -49,7 +49,8 @@ class SplitReport:
 def check_split_list(list_file: str, image_root: str, split: str, *,
                      dataset: str | None = None, num_classes: int | None = None,
                      check_images: bool = True, decode: bool = False,
-                     train_paths: dict | None = None, train_list: str = "") -> tuple[SplitReport, dict]:
+                     train_paths: dict | None = None,
+                     train_list: str = "") -> tuple[SplitReport, dict]:
     """Checks one list; returns its report and {relative path: line} of its entries."""
     report = SplitReport(split, list_file)
     if not os.path.isfile(list_file):
