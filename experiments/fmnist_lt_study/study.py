@@ -425,9 +425,12 @@ class Study:
             "wall_seconds": round(wall, 1),
             "cpu_seconds_workers": round(usage.ru_utime + usage.ru_stime, 1),
             "cpu_seconds_main": round(own.ru_utime + own.ru_stime, 1),
-            "jobs": s["jobs"], "load_average_1min_start": load_start,
-            "load_average_1min_max": max(self.loads), "load_average_1min_mean":
-                round(sum(self.loads) / len(self.loads), 2),
+            "jobs": s["jobs"],
+            # None where the load average is unobtainable (os.getloadavg raised OSError)
+            "load_average_1min_start": None if math.isnan(load_start) else load_start,
+            "load_average_1min_max": max(self.loads, default=None),
+            "load_average_1min_mean":
+                round(sum(self.loads) / len(self.loads), 2) if self.loads else None,
             "cell_seconds": {m: [c["seconds"] for c in cs] for m, cs in cells.items()},
             "cell_cpu_seconds": {m: [c["cpu_seconds"] for c in cs] for m, cs in cells.items()},
         }
