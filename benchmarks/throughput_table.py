@@ -2,10 +2,10 @@
 
   python -m benchmarks.throughput_table RUN.json... [--table benchmarks/results/throughput.csv]
 
-Each `references/kcl/throughput.py --json RUN.json` result becomes one row, named after its file (without
-`.json`); a row of the same name is replaced, the others are kept. The numbers are copied as the
-JSON holds them: the summary (images/s, data-wait fraction and medians), the configuration, the
-provenance (commit, versions, device, the command) and the per-step times as space-separated
+Each `references/kcl/throughput.py --json RUN.json` result becomes one row, named after its file
+(without `.json`); a row of the same name is replaced, the others are kept. The numbers are copied
+as the JSON holds them: the summary (images/s, data-wait fraction and medians), the configuration,
+the provenance (commit, versions, device, the command) and the per-step times as space-separated
 lists. docs/training.md's "Stage-1 throughput on the CPU" table and its hour estimate are read from
 these rows.
 """

@@ -356,7 +356,7 @@ def test_throughput_table_keeps_the_json_numbers_exactly(tmp_path):
            "config": {"arch": "small_resnet", "queue_size": 1024, "channels_last": False},
            "provenance": {"commit": "abc", "versions": {"torch": "2.14.1"},
                           "device": {"name": "cpu x", "threads": 2},
-                          "argv": ["kcl-train", "throughput"]}}
+                          "argv": ["references/kcl/throughput.py", "--json", "a.json"]}}
     (tmp_path / "a_run1.json").write_text(json.dumps(run))
     table = tmp_path / "throughput.csv"
     throughput_table.main([str(tmp_path / "a_run1.json"), "--table", str(table)])
@@ -366,8 +366,8 @@ def test_throughput_table_keeps_the_json_numbers_exactly(tmp_path):
     row = rows["a_run1"]
     assert float(row["images_per_s"]) == 1101.33 and row["data_wait_fraction"] == "0.1037"
     assert row["per_step_host_ms"] == "57.773 55.479" and row["config_channels_last"] == "false"
-    assert (row["torch"], row["device_name"], row["argv"]) == ("2.14.1", "cpu x",
-                                                               "kcl-train throughput")
+    assert (row["torch"], row["device_name"], row["argv"]) == (
+        "2.14.1", "cpu x", "references/kcl/throughput.py --json a.json")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a `throughput.py --json` result"):
         throughput_table.main([str(tmp_path / "bad.json"), "--table", str(table)])

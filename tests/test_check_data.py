@@ -1,5 +1,5 @@
 """Split lists against published figures and the images on disk: generated lists with a wrong
-count, a missing file, a duplicate, a train/test overlap; the check-data command."""
+count, a missing file, a duplicate, a train/test overlap; the check_data.py command."""
 import os
 
 import numpy as np

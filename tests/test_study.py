@@ -1,5 +1,5 @@
-"""The paired study (experiments/fmnist_lt_study/study.py): orderings, the checks of a study file, the
-analysis on hand-made cells, and a tiny study end to end on generated images whose numbers
+"""The paired study (experiments/fmnist_lt_study/study.py): orderings, the checks of a study
+file, the analysis on hand-made cells, and a tiny study end to end on generated images whose numbers
 do not depend on the number of worker processes."""
 import json
 
@@ -163,3 +163,22 @@ def test_a_tiny_study_end_to_end_does_not_depend_on_the_workers(fm_root, tmp_pat
         assert (out1 / name).stat().st_size > 0
     with pytest.raises(OutputError, match="not empty"):
         study.main(["--config", path, "--out", str(out1)])
+
+
+def test_a_study_where_the_load_average_is_unobtainable_still_writes_its_result(
+        fm_root, tmp_path, monkeypatch):
+    """os.getloadavg raises OSError where the load average is unobtainable: the study's timing
+    then records no load instead of failing after every cell has trained."""
+    def unobtainable():
+        raise OSError("load average unobtainable")
+
+    monkeypatch.setattr(study.os, "getloadavg", unobtainable)
+    out = tmp_path / "out"
+    assert study.main(["--config", write_study(tmp_path, fm_root), "--out", str(out),
+                       "--jobs", "1"]) == 0
+    result = json.loads((out / "study.json").read_text())
+    timing = result["timing"]
+    assert (timing["load_average_1min_start"], timing["load_average_1min_max"],
+            timing["load_average_1min_mean"]) == (None, None, None)
+    assert result["provenance"]["load_average_1min"] is None
+    assert len(result["cells"]["KCL"]) == 2

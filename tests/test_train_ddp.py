@@ -1,13 +1,14 @@
 """DDP on 2 gloo processes (loopback): equality with 1 process, and shuffle-BN.
 
-The equality test runs twice: with GroupNorm (model.norm: gn), whose statistics are per sample,
-so splitting a global batch across processes changes no activation; and with BatchNorm in two
-BN groups per global batch (model.bn_splits: 2), which one process forms with split-BN and two
-processes form by each normalising its half, the keys shuffled across the groups the same way
-in both, and the running statistics averaged over the groups in both. It uses the fcl loss (k = -1, all same-class entries): kcl's positive draw is keyed by the row
-index within a process's batch, so a 2-process run draws other (equally uniform) positives than a
-1-process run. What remains different is the order of floating-point sums (gradient all-reduce
-versus one batch mean), hence a tolerance instead of bitwise equality.
+The equality test runs twice: with GroupNorm (model.norm: gn), whose statistics are per sample, so
+splitting a global batch across processes changes no activation; and with BatchNorm in two BN
+groups per global batch (model.bn_splits: 2), which one process forms with split-BN and two
+processes form by each normalising its half, the keys shuffled across the groups the same way in
+both, and the running statistics averaged over the groups in both. It uses the fcl loss (k = -1,
+all same-class entries): kcl's positive draw is keyed by the row index within a process's batch, so
+a 2-process run draws other (equally uniform) positives than a 1-process run. What remains
+different is the order of floating-point sums (gradient all-reduce versus one batch mean), hence a
+tolerance instead of bitwise equality.
 """
 import json
 import os

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from _harness import RECIPE as RECIPE_DIR
+from _harness import RECIPE
 
 import datasets
 import train
@@ -18,8 +18,8 @@ from data import INAT2018_MEAN, INAT2018_STD
 from errors import run_command
 from schedule import lr_at
 
-CONFIGS = os.path.join(RECIPE_DIR, "configs")
-RECIPE = os.path.join(CONFIGS, "imagenet_lt_kcl_r50.yaml")
+CONFIGS = os.path.join(RECIPE, "configs")
+IMAGENET_LT_KCL = os.path.join(CONFIGS, "imagenet_lt_kcl_r50.yaml")
 
 
 def config(name):
@@ -27,7 +27,7 @@ def config(name):
 
 
 def test_recipe_config_holds_every_value_of_the_recipe_table():
-    cfg = load_config(RECIPE)
+    cfg = load_config(IMAGENET_LT_KCL)
     s1, s2, m = cfg.stage1, cfg.stage2, cfg.model
     assert (s1.loss, s1.k, s1.epochs, s1.batch_size) == ("kcl", 6, 200, 256)
     assert (s1.lr, s1.momentum, s1.schedule, s1.weight_decay) == \
@@ -93,7 +93,7 @@ def test_resnet50_recipe_two_iterations_at_64px_and_torchvision_export(tmp_path)
             tmp_path / "img" / rel, format="JPEG")
         lines.append(f"{rel} {i % 2}")
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
-    cfg = load_config(RECIPE, [
+    cfg = load_config(IMAGENET_LT_KCL, [
         f"data.image_root={tmp_path / 'img'}", f"data.train_list={tmp_path / 'train.txt'}",
         f"data.test_list={tmp_path / 'train.txt'}", "data.val_list=null", "data.dataset=null",
         "data.num_classes=2", "data.image_size=64", "data.num_workers=0",

@@ -425,9 +425,12 @@ class Study:
             "wall_seconds": round(wall, 1),
             "cpu_seconds_workers": round(usage.ru_utime + usage.ru_stime, 1),
             "cpu_seconds_main": round(own.ru_utime + own.ru_stime, 1),
-            "jobs": s["jobs"], "load_average_1min_start": load_start,
-            "load_average_1min_max": max(self.loads), "load_average_1min_mean":
-                round(sum(self.loads) / len(self.loads), 2),
+            "jobs": s["jobs"],
+            # None where the load average is unobtainable (os.getloadavg raised OSError)
+            "load_average_1min_start": None if math.isnan(load_start) else load_start,
+            "load_average_1min_max": max(self.loads, default=None),
+            "load_average_1min_mean":
+                round(sum(self.loads) / len(self.loads), 2) if self.loads else None,
             "cell_seconds": {m: [c["seconds"] for c in cs] for m, cs in cells.items()},
             "cell_cpu_seconds": {m: [c["cpu_seconds"] for c in cs] for m, cs in cells.items()},
         }
@@ -652,7 +655,8 @@ def plot_cells(result: dict, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="study.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="the study file (experiments/fmnist_lt_study/study.yaml)")
+    p.add_argument("--config", required=True,
+                   help="the study file (experiments/fmnist_lt_study/study.yaml)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the study in a non-empty --out")

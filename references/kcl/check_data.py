@@ -1,7 +1,7 @@
 """Split lists checked against their published figures and against the images on disk.
 
-`python references/kcl/check_data.py --config X` reads every list the config names (train, val, test) and
-reports, each with the list file and line where there is one:
+`python references/kcl/check_data.py --config X` reads every list the config names (train,
+val, test) and reports, each with the list file and line where there is one:
 - malformed lines, labels outside [0, data.num_classes), an image listed twice, an image of the
   test (or val) list that is also in the train list;
 - counts that differ from the published split of `data.dataset` (images, classes, largest and
@@ -49,7 +49,8 @@ class SplitReport:
 def check_split_list(list_file: str, image_root: str, split: str, *,
                      dataset: str | None = None, num_classes: int | None = None,
                      check_images: bool = True, decode: bool = False,
-                     train_paths: dict | None = None, train_list: str = "") -> tuple[SplitReport, dict]:
+                     train_paths: dict | None = None,
+                     train_list: str = "") -> tuple[SplitReport, dict]:
     """Checks one list; returns its report and {relative path: line} of its entries."""
     report = SplitReport(split, list_file)
     if not os.path.isfile(list_file):
@@ -101,7 +102,7 @@ def check_data(data_cfg: dict, *, check_images: bool = True,
                decode: bool = False) -> list[SplitReport]:
     """Checks every split list of a `data` config section."""
     if data_cfg.kind != "split_list":
-        raise DataError(f"check-data checks split lists; data.kind is {data_cfg.kind!r}")
+        raise DataError(f"check_data.py checks split lists; data.kind is {data_cfg.kind!r}")
     root = data_cfg.image_root
     if check_images and not os.path.isdir(root):
         raise MissingFileError(f"data.image_root {root} is not a folder")

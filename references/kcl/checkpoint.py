@@ -147,7 +147,7 @@ def export(run_dir: str, which: str, path: str) -> dict:
         classifier = state.get("classifier") if which == "last" else None
         if which == "last" and classifier is None:
             raise TrainingError(f"{run_dir}/{LAST} has no stage-2 classifier yet (the run is "
-                                f"in {state['position']['stage']}); export --which stage1 "
+                                f"in {state['position']['stage']}); export.py --which stage1 "
                                 f"writes the backbone alone")
     weights = torchvision_state(backbone, cfg["model"]["arch"], classifier)
     atomic_save(weights, path)

@@ -361,7 +361,8 @@ def parse_override(text: str) -> dict:
 
 
 def find_config(path: str) -> str:
-    """`path` as given, else relative to this folder; the error says where it looked."""
+    """`path` as given, else relative to this folder or its configs/; the error says where it
+    looked."""
     tried = [os.path.abspath(path)]
     if not os.path.isabs(path):
         tried.append(os.path.join(HERE, path))

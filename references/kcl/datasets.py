@@ -1,7 +1,7 @@
 """The data sets of the recipe and the published figures of their splits, in one place.
 
 To add a data set: a `data.kind` (config.DATA_KINDS) and its branch in `build_data`; for a
-published long-tailed split list, its figures in PUBLISHED (the start-up check and `check-data`
+published long-tailed split list, its figures in PUBLISHED (the start-up check and `check_data.py`
 compare lists with them). The Fashion-MNIST files, where to find and download them: FASHION_MNIST.
 """
 from __future__ import annotations
@@ -169,16 +169,13 @@ def build_data(cfg) -> DataBundle:
         if d.val_list:
             val = kdata.SplitListImages(d.val_list, d.image_root, d.check_files)
         if d.balanced_list:
-            balanced = kdata.SplitListImages(d.balanced_list, d.image_root,
-                                             d.check_files)
+            balanced = kdata.SplitListImages(d.balanced_list, d.image_root, d.check_files)
         sets = [("train", train), ("test", test)] + ([("val", val)] if val is not None else [])
         extra = [("balanced", balanced)] if balanced is not None else []
-        num_classes = d.num_classes or \
-            int(max(int(s.labels.max()) for _, s in sets + extra)) + 1
+        num_classes = d.num_classes or max(int(s.labels.max()) for _, s in sets + extra) + 1
         for split, dataset in sets:
             _check_labels(dataset, dataset.list_file, num_classes)
-            check_counts_or_raise(dataset.list_file, dataset.labels, d.dataset,
-                                            split)
+            check_counts_or_raise(dataset.list_file, dataset.labels, d.dataset, split)
         if balanced is not None:  # any balanced list (ImageNet-LT's val list is one)
             _check_labels(balanced, balanced.list_file, num_classes)
             kbalance.check_balanced(balanced.labels, num_classes,

@@ -12,8 +12,8 @@ import torch
 
 
 def git_commit() -> str | None:
-    """The commit of the kcl_ext source checkout (`-dirty` when tracked files differ from it);
-    None for an installed copy outside a git checkout."""
+    """The commit of the git checkout that holds this recipe (`-dirty` when tracked files differ
+    from it); None for a copy outside a git checkout."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
